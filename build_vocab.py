@@ -125,7 +125,8 @@ class _VocabularyUnpickler(pickle.Unpickler):
     The classic vocab.pkl was pickled from a script, so its class is
     `__main__.Vocabulary`; any module name is accepted for that one class.
     """
-    SAFE = {('collections', 'OrderedDict'), ('builtins', 'object'), ('copyreg', '_reconstructor')}
+    SAFE = {('collections', 'OrderedDict'), ('builtins', 'object'), ('copyreg', '_reconstructor'),
+            ('__builtin__', 'object'), ('copy_reg', '_reconstructor')}  # protocols 0 and 1
 
     def find_class(self, module, name):
         if name == 'Vocabulary':

