@@ -85,12 +85,15 @@ class EpochSampler(data.Sampler):
 def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, seed=None):
     """A DataLoader over CocoDataset yielding (images, targets, lengths) batches.
 
-    With shuffle and a seed, the order comes from an EpochSampler (loader.sampler).
+    With shuffle and a seed, the order comes from an EpochSampler (loader.sampler), and the
+    loader's own seeds from a private generator, so that starting an epoch does not draw from
+    the global RNG (which the augmentation uses, and a resumed run restores).
     """
     dataset = CocoDataset(root=root, json=json, vocab=vocab, transform=transform)
     sampler = EpochSampler(dataset, seed) if shuffle and seed is not None else None
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                           sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                           sampler=sampler, generator=generator, num_workers=num_workers, collate_fn=collate_fn,
                            persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 

@@ -209,11 +209,11 @@ def train(args):
             for batch in bar:
                 step += 1
                 expected = min(args.batch_size, sampler.size - (step - 1) * args.batch_size)
-                if batch is None:
-                    skipped += expected
-                else:
+                skipped += expected - (len(batch[2]) if batch else 0)
+                if batch is not None and len(batch[2]) < 2:
+                    tqdm.write(f'step {step}: skipped a batch of one sample (BatchNorm needs two)', file=sys.stderr)
+                elif batch is not None:
                     images, captions, lengths = batch
-                    skipped += expected - len(lengths)
                     images, captions = images.to(device), captions.to(device)
                     targets = pack_padded_sequence(captions, lengths, batch_first=True).data
                     outputs = decoder(encoder(images), captions, lengths)
