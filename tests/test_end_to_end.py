@@ -1,0 +1,38 @@
+"""The README recipe, run as a user runs it: one script after another, as subprocesses."""
+import json
+import os
+import shutil
+
+from PIL import Image
+
+from conftest import ROOT, TEST_DATA, run_script
+
+
+def test_readme_recipe_on_real_coco_photos(tmp_path):
+    data, models = tmp_path / 'data', tmp_path / 'models'
+    shutil.copytree(os.path.join(TEST_DATA, 'images'), data / 'train2014')
+    shutil.copy(os.path.join(TEST_DATA, 'captions.json'), data / 'captions.json')
+    steps = [
+        ['build_vocab.py', '--caption_path', str(data / 'captions.json'), '--vocab_path', str(data / 'vocab.pkl'),
+         '--threshold', '2'],
+        ['resize.py', '--image_dir', str(data / 'train2014'), '--output_dir', str(data / 'resized2014'),
+         '--image_size', '72'],
+        ['train.py', '--cnn', 'efficientnet-lite0', '--model_path', str(models), '--crop_size', '64',
+         '--vocab_path', str(data / 'vocab.pkl'), '--image_dir', str(data / 'resized2014'),
+         '--caption_path', str(data / 'captions.json'), '--num_epochs', '2', '--batch_size', '20',
+         '--embed_size', '64', '--hidden_size', '64', '--num_workers', '2', '--log_step', '1'],
+    ]
+    for step in steps:
+        result = run_script(*step)
+        assert result.returncode == 0, f'{step[0]} failed:\n{result.stderr[-3000:]}'
+    assert 'Total vocabulary size' in run_script(*steps[0]).stdout
+    assert sorted(os.listdir(data / 'resized2014')) == sorted(os.listdir(data / 'train2014'))
+    assert {Image.open(data / 'resized2014' / n).size for n in os.listdir(data / 'resized2014')} == {(72, 72)}
+    assert (models / 'loss.png').exists() and len((models / 'train_log.jsonl').read_text().splitlines()) == 6
+    photo = os.path.join(ROOT, 'png', 'example.png')
+    result = run_script('sample.py', '--image', photo, '--encoder_path', str(models / 'encoder-2-3.ckpt'),
+                        '--decoder_path', str(models / 'decoder-2-3.ckpt'), '--vocab_path', str(data / 'vocab.pkl'))
+    assert result.returncode == 0, result.stderr
+    caption = result.stdout.strip()
+    vocabulary_words = json.dumps(json.load(open(data / 'captions.json'))['annotations']).lower()
+    assert caption and all(word in vocabulary_words for word in caption.split())

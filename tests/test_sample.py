@@ -1,0 +1,113 @@
+import os
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from conftest import ROOT, run_script
+from odd_images import write_broken_images, write_odd_images
+
+
+def model_flags(tiny_model):
+    return ['--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
+            '--vocab_path', tiny_model['vocab'], '--device', 'cpu']
+
+
+def caption_of(image, tiny_model, capsys, *extra):
+    sample.main(['--image', str(image), *model_flags(tiny_model), *extra])
+    return capsys.readouterr()
+
+
+def test_prints_only_the_caption(tiny_model, capsys):
+    out = caption_of(os.path.join(ROOT, 'png', 'example.png'), tiny_model, capsys).out
+    assert out.endswith('\n') and out.count('\n') == 1
+    words = out.split()
+    assert words and out.strip() == ' '.join(words) and out == out.lower()
+    assert not {'<start>', '<end>', '<pad>', '<unk>'} & set(words)
+
+
+def test_captions_every_odd_image(tiny_model, tmp_path, capsys):
+    for name in write_odd_images(tmp_path):
+        result = caption_of(tmp_path / name, tiny_model, capsys)
+        assert result.out.count('\n') == 1 and result.out.strip(), name
+
+
+def test_cli_is_silent_on_stdout_except_for_the_caption(tiny_model):
+    """In a real process, nothing (package loaders included) may print to stdout but the caption."""
+    result = run_script('sample.py', '--image', os.path.join(ROOT, 'png', 'example.png'), *model_flags(tiny_model))
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1 and result.stdout.strip()
+
+
+def error_of(*args):
+    """Run sample.main in-process; return the one-line error it exits with."""
+    with pytest.raises(SystemExit) as stop:
+        sample.main(list(args))
+    message = str(stop.value.code)
+    assert message.startswith('error: ') and '\n' not in message
+    return message
+
+
+def test_bad_images_give_one_line_errors(tiny_model, tmp_path, capsys):
+    problems = write_broken_images(tmp_path)
+    problems.update({'absent.jpg': 'no such file'})
+    for name, problem in problems.items():
+        message = error_of('--image', str(tmp_path / name), *model_flags(tiny_model))
+        assert message.startswith(f'error: {tmp_path / name}: ') and problem in message, message
+    assert capsys.readouterr().out == ''
+
+
+def test_bad_model_files_give_one_line_errors(tiny_model, tmp_path, capsys):
+    example = os.path.join(ROOT, 'png', 'example.png')
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f'touch {tmp_path}/pwned',))
+    (tmp_path / 'evil.pkl').write_bytes(pickle.dumps(RunsCode()))
+    torch.save({'config': RunsCode()}, tmp_path / 'evil.ckpt')
+    cases = [
+        (['--vocab_path', str(tmp_path / 'evil.pkl')], 'evil.pkl: not a usable vocabulary'),
+        (['--decoder_path', str(tmp_path / 'evil.ckpt')], 'evil.ckpt: not a loadable checkpoint'),
+        (['--encoder_path', str(tmp_path / 'missing.ckpt')], 'missing.ckpt: no such checkpoint'),
+        (['--vocab_path', str(tmp_path / 'missing.pkl')], 'missing.pkl: no such vocabulary file'),
+        (['--decoder_path', tiny_model['encoder']], 'does not fit the model'),
+    ]
+    for flags, problem in cases:
+        assert problem in error_of('--image', example, *model_flags(tiny_model), *flags)
+    assert capsys.readouterr().out == ''
+    assert not (tmp_path / 'pwned').exists()
+
+
+@pytest.mark.parametrize('what', ['image', 'vocab'])
+def test_errors_exit_non_zero_without_traceback(tiny_model, tmp_path, what):
+    write_broken_images(tmp_path)
+    flags = ['--image', str(tmp_path / 'bomb.png')] if what == 'image' else \
+        ['--image', os.path.join(ROOT, 'png', 'example.png'), '--vocab_path', str(tmp_path / 'empty.jpg')]
+    result = run_script('sample.py', *model_flags(tiny_model), *flags)
+    assert result.returncode == 1 and result.stdout == ''
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith('error: ')
+
+
+def test_save_writes_the_captioned_image(tiny_model, tmp_path, capsys):
+    out = tmp_path / 'captioned.png'
+    caption_of(os.path.join(ROOT, 'png', 'example.png'), tiny_model, capsys, '--save', str(out))
+    with Image.open(out) as image:
+        assert image.format == 'PNG' and image.width >= 400
+
+
+def test_own_checkpoints_need_no_size_flags(tiny_model, capsys):
+    """The tiny model is 32/48 wide; the classic size flags (256/512) must not matter for it."""
+    default = caption_of(os.path.join(ROOT, 'png', 'example.png'), tiny_model, capsys).out
+    other = caption_of(os.path.join(ROOT, 'png', 'example.png'), tiny_model, capsys,
+                       '--embed_size', '999', '--hidden_size', '7', '--cnn', 'resnet18').out
+    assert default == other
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_captions_on_cuda_like_on_cpu(tiny_model, capsys):
+    image = os.path.join(ROOT, 'png', 'example.png')
+    cpu = caption_of(image, tiny_model, capsys).out
+    sample.main(['--image', image, *model_flags(tiny_model)[:-2], '--device', 'cuda'])
+    assert capsys.readouterr().out == cpu
