@@ -25,8 +25,13 @@ def _to_rgb(image):
     """Convert any Pillow mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
     if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
         pixels = np.asarray(image, dtype=np.float64)
-        if pixels.max(initial=0) > 255:  # 16-bit data
-            pixels = pixels / 257.0
+        low, high = pixels.min(initial=0), pixels.max(initial=0)
+        if image.mode.startswith('I;16') or (low >= 0 and 255 < high <= 65535):
+            pixels = pixels / 257  # 16-bit
+        elif image.mode == 'F' and low >= 0 and high <= 1:
+            pixels = pixels * 255  # floats in [0, 1]
+        elif low < 0 or high > 255:
+            pixels = (pixels - low) * (255 / (high - low))  # any other range: stretch it
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), 'L')
     if image.mode == 'P' and 'transparency' in image.info:
         image = image.convert('RGBA')
@@ -60,8 +65,10 @@ def open_image(path):
         if os.path.getsize(path) == 0:
             raise ImageError(f'{path}: empty file') from None
         raise ImageError(f'{path}: not an image Pillow can read') from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f'{path}: broken image ({e})') from None
+    except PermissionError:
+        raise ImageError(f'{path}: permission denied') from None
+    except Exception as e:  # noqa: BLE001 -- Pillow's decoders raise many kinds of error on broken files
+        raise ImageError(f'{path}: broken image ({type(e).__name__}: {e})') from None
 
 
 def resize_image(image, size):

@@ -42,6 +42,8 @@ def write_odd_images(folder):
     save('bilevel.bmp', rgb.convert('1'))
     save('la.png', rgb.convert('LA'))
     save('float.tif', Image.fromarray(np.asarray(rgb.convert('L'), np.float32)))
+    save('float01.tif', Image.fromarray(np.asarray(rgb.convert('L'), np.float32) / 255))
+    save('int32_wide_range.tif', Image.fromarray(np.asarray(rgb.convert('L'), np.int32) * 40 - 9000))
     return expected
 
 

@@ -23,6 +23,11 @@ def test_transparency_goes_over_white_and_16_bit_is_scaled(tmp_path):
     grey8 = np.asarray(open_image(str(tmp_path / 'grey.png'))).astype(int)
     grey16 = np.asarray(open_image(str(tmp_path / 'grey16.png'))).astype(int)
     assert np.abs(grey8 - grey16).max() <= 1  # not clipped to white
+    for name in ('float.tif', 'float01.tif'):  # not black, not white
+        assert np.abs(np.asarray(open_image(str(tmp_path / name))).astype(int) - grey8).max() <= 1, name
+    stretched = np.asarray(open_image(str(tmp_path / 'int32_wide_range.tif')))[..., 0].astype(float)
+    assert stretched.min() == 0 and stretched.max() == 255  # an unusual range is stretched to 8 bits
+    assert np.corrcoef(stretched.ravel(), grey8[..., 0].ravel())[0, 1] > 0.999
     gif = np.asarray(open_image(str(tmp_path / 'animated.gif')))
     assert tuple(gif[0, 0]) == (255, 0, 0)  # the first frame
 
