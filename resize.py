@@ -25,12 +25,12 @@ def _to_rgb(image):
     """Convert any Pillow mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
     if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
         pixels = np.asarray(image, dtype=np.float64)
-        low, high = pixels.min(initial=0), pixels.max(initial=0)
+        low, high = (pixels.min(), pixels.max()) if pixels.size else (0, 0)
         if image.mode.startswith('I;16') or (low >= 0 and 255 < high <= 65535):
             pixels = pixels / 257  # 16-bit
         elif image.mode == 'F' and low >= 0 and high <= 1:
             pixels = pixels * 255  # floats in [0, 1]
-        elif low < 0 or high > 255:
+        elif high > low and (low < 0 or high > 255):
             pixels = (pixels - low) * (255 / (high - low))  # any other range: stretch it
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), 'L')
     if image.mode == 'P' and 'transparency' in image.info:
