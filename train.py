@@ -75,14 +75,14 @@ def saved_checkpoints(model_path):
 
 
 def find_resume(resume, model_path):
-    """Resolve --resume to an (encoder, decoder) pair; 'latest' is the newest pair that loads."""
+    """Resolve --resume to an (encoder, decoder) pair; 'latest' is the newest complete pair, or None."""
     if resume != 'latest':
         return checkpoint_pair(resume)
     for path in reversed(saved_checkpoints(model_path)):
         encoder_path, decoder_path = checkpoint_pair(path)
         if os.path.exists(encoder_path):
             return encoder_path, decoder_path
-    raise CheckpointError(f'{model_path}: no checkpoint to resume from')
+    return None
 
 
 def prune_checkpoints(model_path, keep_last):
@@ -112,8 +112,16 @@ def set_rng_state(state):
 
 
 def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSONL log; a line cut short by a crash is ignored."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return records
 
 
 def plot_log(log_path, png_path):
@@ -170,11 +178,11 @@ def train(args):
 
     os.makedirs(args.model_path, exist_ok=True)
     log_path = os.path.join(args.model_path, LOG_NAME)
-    epoch, step = 1, 0
-    if args.resume:
-        epoch, step = resume(args, config, encoder, decoder, optimizer, log_path)
-    elif os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
+    # Where training stands; saved in every checkpoint so that a resumed run carries on exactly.
+    progress = args.resume and resume(args, config, encoder, decoder, optimizer, log_path)
+    if not progress:
+        progress = {'epoch': 1, 'step': 0, 'window': [], 'skipped': 0, 'seconds': 0.0}
+        open(log_path, 'w').close()  # a fresh run starts a fresh log
 
     loader = get_loader(args.image_dir, args.caption_path, vocab,
                         train_transform(args.crop_size, encoder.mean, encoder.std),
@@ -183,13 +191,12 @@ def train(args):
     if sampler.size == 0:
         raise CaptionFileError(f'{args.caption_path}: no caption has its image in {args.image_dir}')
     total_steps = math.ceil(sampler.size / args.batch_size)
-    if step >= total_steps:
-        epoch, step = epoch + 1, 0
 
     def save(epoch, step):
         name = f'{epoch}-{step}.ckpt'
-        train_state = {'optimizer': optimizer.state_dict(), 'epoch': epoch, 'step': step,
-                       'rng': rng_state(), 'args': vars(args)}
+        progress['seconds'] = time.time() - started
+        train_state = {'optimizer': optimizer.state_dict(), 'progress': progress, 'rng': rng_state(),
+                       'args': vars(args)}
         save_checkpoint({'config': config, 'model': encoder_state(encoder, args.cnn)},
                         os.path.join(args.model_path, 'encoder-' + name))
         save_checkpoint({'config': config, 'model': decoder.state_dict(), 'train_state': train_state},
@@ -197,41 +204,44 @@ def train(args):
         if args.keep_last:
             prune_checkpoints(args.model_path, args.keep_last)
 
-    started = time.time()
+    started = time.time() - progress['seconds']
     encoder.train()
     decoder.train()
     with StopRequest() as stop, open(log_path, 'a') as log:
-        while epoch <= args.num_epochs:
-            sampler.epoch, sampler.start = epoch, step * args.batch_size
-            window, skipped = [], 0
-            bar = tqdm(loader, desc=f'epoch {epoch}/{args.num_epochs}', total=total_steps, initial=step,
+        while progress['epoch'] <= args.num_epochs:
+            epoch = progress['epoch']
+            sampler.epoch, sampler.start = epoch, progress['step'] * args.batch_size
+            bar = tqdm(loader, desc=f'epoch {epoch}/{args.num_epochs}', total=total_steps, initial=progress['step'],
                        unit='batch', file=sys.stderr, dynamic_ncols=True)
             for batch in bar:
-                step += 1
+                progress['step'] = step = progress['step'] + 1
                 expected = min(args.batch_size, sampler.size - (step - 1) * args.batch_size)
-                skipped += expected - (len(batch[2]) if batch else 0)
+                progress['skipped'] += expected - (len(batch[2]) if batch else 0)
                 if batch is not None and len(batch[2]) < 2:
                     tqdm.write(f'step {step}: skipped a batch of one sample (BatchNorm needs two)', file=sys.stderr)
                 elif batch is not None:
                     images, captions, lengths = batch
                     images, captions = images.to(device), captions.to(device)
                     targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-                    outputs = decoder(encoder(images), captions, lengths)
-                    loss = criterion(outputs, targets)
+                    loss = criterion(decoder(encoder(images), captions, lengths), targets)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    window.append(loss.item())
-                    bar.set_postfix(loss=f'{window[-1]:.3f}', perplexity=f'{math.exp(window[-1]):.1f}')
-                if step % args.log_step == 0 and window:
-                    mean_loss = sum(window) / len(window)
+                    progress['window'].append(loss.item())
+                    bar.set_postfix(loss=f'{loss.item():.3f}', perplexity=f'{math.exp(loss.item()):.1f}')
+                if step % args.log_step == 0 and progress['window']:
+                    mean_loss = sum(progress['window']) / len(progress['window'])
                     log.write(json.dumps({'epoch': epoch, 'step': step, 'loss': mean_loss,
                                           'perplexity': math.exp(mean_loss),
                                           'seconds': round(time.time() - started, 2)}) + '\n')
                     log.flush()
-                    window = []
+                    progress['window'] = []
                 if step % args.save_step == 0 or step == total_steps or stop.signum:
-                    log.flush()
+                    if step == total_steps:  # the epoch is done: its checkpoint resumes at the next one
+                        if progress['skipped']:
+                            tqdm.write(f"epoch {epoch}: skipped {progress['skipped']} unreadable images",
+                                       file=sys.stderr)
+                        progress.update(epoch=epoch + 1, step=0, skipped=0)
                     save(epoch, step)
                 if stop.signum:
                     bar.close()
@@ -239,18 +249,22 @@ def train(args):
                           f"continue with --resume latest", file=sys.stderr)
                     return 128 + stop.signum
             bar.close()
-            if skipped:
-                print(f'epoch {epoch}: skipped {skipped} unreadable images', file=sys.stderr)
-            epoch, step = epoch + 1, 0
     plot_log(log_path, os.path.join(args.model_path, PLOT_NAME))
     return 0
 
 
 def resume(args, config, encoder, decoder, optimizer, log_path):
-    """Load a training checkpoint into the models and optimizer; returns (epoch, step) done."""
-    encoder_path, decoder_path = find_resume(args.resume, args.model_path)
+    """Load a training checkpoint into the models and optimizer; returns its progress.
+
+    Returns None when `--resume latest` finds no checkpoint yet (training starts afresh).
+    """
+    found = find_resume(args.resume, args.model_path)
+    if found is None:
+        print(f'no checkpoint in {args.model_path} yet: starting afresh', file=sys.stderr)
+        return None
+    encoder_path, decoder_path = found
     enc, dec = load_checkpoint(encoder_path), load_checkpoint(decoder_path)
-    if not isinstance(dec, dict) or 'train_state' not in dec or 'model' not in enc:
+    if not isinstance(dec, dict) or 'train_state' not in dec or not isinstance(enc, dict) or 'model' not in enc:
         raise CheckpointError(f'{decoder_path}: not a train.py checkpoint (no training state to resume)')
     if dec['config'] != config:
         changed = {k: (dec['config'].get(k), v) for k, v in config.items() if dec['config'].get(k) != v}
@@ -260,13 +274,14 @@ def resume(args, config, encoder, decoder, optimizer, log_path):
     state = dec['train_state']
     optimizer.load_state_dict(state['optimizer'])
     set_rng_state(state['rng'])
-    epoch, step = state['epoch'], state['step']
-    if os.path.exists(log_path):  # drop log lines written after the checkpoint
-        kept = [r for r in read_log(log_path) if (r['epoch'], r['step']) <= (epoch, step)]
-        with open(log_path, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in kept)
-    print(f'resuming from {decoder_path} (epoch {epoch}, step {step})', file=sys.stderr)
-    return epoch, step
+    progress = state['progress']
+    position = (progress['epoch'], progress['step'])
+    kept = [r for r in read_log(log_path) if (r['epoch'], r['step']) <= position]
+    with open(log_path, 'w') as f:  # drop log lines written after the checkpoint
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    print(f'resuming from {decoder_path} (epoch {progress["epoch"]}, step {progress["step"]} done)',
+          file=sys.stderr)
+    return progress
 
 
 def main(argv=None):

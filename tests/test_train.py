@@ -95,8 +95,12 @@ def test_resume_refuses_other_model_settings(tmp_path, capsys):
         train.main(train_args(folder, tmp_path / 'm', '--num_epochs', '2', '--hidden_size', '80',
                               '--resume', 'latest'))
     assert "trained with other settings" in str(stop.value) and "'hidden_size': (64, 80)" in str(stop.value)
-    with pytest.raises(SystemExit, match='no checkpoint to resume from'):
-        train.main(train_args(folder, tmp_path / 'empty', '--resume', 'latest'))
+    with pytest.raises(SystemExit, match='encoder-9-9.ckpt: no such checkpoint'):
+        train.main(train_args(folder, tmp_path / 'm', '--resume', str(tmp_path / 'm' / 'decoder-9-9.ckpt')))
+    # 'latest' with nothing saved yet starts afresh, so a job script can always pass it.
+    assert train.main(train_args(folder, tmp_path / 'new', '--num_epochs', '1', '--resume', 'latest')) == 0
+    assert 'starting afresh' in capsys.readouterr().err
+    assert train.saved_checkpoints(str(tmp_path / 'new'))
 
 
 def test_keep_last_prunes_old_step_checkpoints(tmp_path):
@@ -125,7 +129,7 @@ def wait_for(path, process, timeout=120):
 def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     """A run killed with SIGKILL mid-epoch and resumed ends with the uninterrupted run's weights."""
     folder = make_scenes(tmp_path)
-    common = ('--num_epochs', '3', '--batch_size', '2', '--save_step', '3', '--log_step', '1')
+    common = ('--num_epochs', '3', '--batch_size', '2', '--save_step', '3', '--log_step', '2')
     whole = train_in_subprocess(folder, tmp_path / 'whole', *common)
     assert whole.wait(300) == 0, whole.communicate()
     killed = train_in_subprocess(folder, tmp_path / 'parts', *common)
@@ -140,11 +144,12 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     resumed = train_in_subprocess(folder, tmp_path / 'parts', *common, '--resume', 'latest')
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert '(epoch 2, step 3)' in err
+    assert '(epoch 2, step 3 done)' in err
     for name in ('decoder-3-4.ckpt', 'encoder-3-4.ckpt'):
         assert_same_weights(final_weights(tmp_path / 'whole', name), final_weights(tmp_path / 'parts', name))
-    log = [json.loads(line) for line in open(tmp_path / 'parts' / 'train_log.jsonl')]
-    assert [(r['epoch'], r['step']) for r in log] == [(e, s) for e in (1, 2, 3) for s in range(1, 5)]
+    logs = [[json.loads(line) for line in open(tmp_path / run / 'train_log.jsonl')] for run in ('whole', 'parts')]
+    assert [(r['epoch'], r['step']) for r in logs[1]] == [(e, s) for e in (1, 2, 3) for s in (2, 4)]
+    assert [r['loss'] for r in logs[1]] == pytest.approx([r['loss'] for r in logs[0]], abs=1e-5)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
