@@ -98,8 +98,9 @@ def _resize_file(job):
 def resize_images(image_dir, output_dir, size, num_workers=None):
     """Resize every file under image_dir into output_dir; returns (resized, skipped, failed) counts."""
     jobs, skipped = [], 0
+    output = os.path.realpath(output_dir)
     for root, dirs, files in os.walk(image_dir):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != output)  # not our output
         for name in sorted(files):
             if name.startswith('.'):
                 continue

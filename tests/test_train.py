@@ -1,9 +1,5 @@
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -12,7 +8,6 @@ from PIL import Image, ImageDraw
 import build_vocab
 import sample
 import train
-from conftest import ROOT
 from model import load_captioner
 
 SCENES = {'red.png': ('red', 'a red square on a white wall'), 'blue.png': ('blue', 'two blue birds in the sky'),
@@ -110,57 +105,3 @@ def test_keep_last_prunes_old_step_checkpoints(tmp_path):
                                  '--keep_last', '2')) == 0
     assert sorted(p for p in os.listdir(models) if p.endswith('.ckpt')) == [
         'decoder-3-3.ckpt', 'decoder-3-4.ckpt', 'encoder-3-3.ckpt', 'encoder-3-4.ckpt']
-
-
-def train_in_subprocess(folder, model_path, *extra):
-    return subprocess.Popen([sys.executable, 'train.py', *train_args(folder, model_path, *extra)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
-
-
-def wait_for(path, process, timeout=120):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f'{path} never appeared'
-        time.sleep(0.05)
-
-
-def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
-    """A run killed with SIGKILL mid-epoch and resumed ends with the uninterrupted run's weights."""
-    folder = make_scenes(tmp_path)
-    common = ('--num_epochs', '3', '--batch_size', '2', '--save_step', '3', '--log_step', '2')
-    whole = train_in_subprocess(folder, tmp_path / 'whole', *common)
-    assert whole.wait(300) == 0, whole.communicate()
-    killed = train_in_subprocess(folder, tmp_path / 'parts', *common)
-    wait_for(tmp_path / 'parts' / 'decoder-2-3.ckpt', killed)  # mid-epoch: an epoch has 4 steps
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(60)
-    # The kill may land a little later; make (epoch 2, step 3) the newest checkpoint, as if it had not.
-    for path in train.saved_checkpoints(str(tmp_path / 'parts')):
-        if os.path.basename(path) not in ('decoder-1-3.ckpt', 'decoder-1-4.ckpt', 'decoder-2-3.ckpt'):
-            for old in train.checkpoint_pair(path):
-                os.remove(old)
-    resumed = train_in_subprocess(folder, tmp_path / 'parts', *common, '--resume', 'latest')
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert '(epoch 2, step 3 done)' in err
-    for name in ('decoder-3-4.ckpt', 'encoder-3-4.ckpt'):
-        assert_same_weights(final_weights(tmp_path / 'whole', name), final_weights(tmp_path / 'parts', name))
-    logs = [[json.loads(line) for line in open(tmp_path / run / 'train_log.jsonl')] for run in ('whole', 'parts')]
-    assert [(r['epoch'], r['step']) for r in logs[1]] == [(e, s) for e in (1, 2, 3) for s in (2, 4)]
-    assert [r['loss'] for r in logs[1]] == pytest.approx([r['loss'] for r in logs[0]], abs=1e-5)
-
-
-@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
-    folder = make_scenes(tmp_path)
-    process = train_in_subprocess(folder, tmp_path / 'm', '--num_epochs', '50', '--batch_size', '2',
-                                  '--save_step', '1000', '--log_step', '1')
-    wait_for(tmp_path / 'm' / 'train_log.jsonl', process)
-    time.sleep(0.5)
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signum
-    assert 'Traceback' not in err and 'continue with --resume latest' in err
-    assert train.saved_checkpoints(str(tmp_path / 'm'))
