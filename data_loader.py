@@ -112,3 +112,27 @@ def eval_transform(image_size, mean, std):
         transforms.Resize((image_size, image_size), transforms.InterpolationMode.LANCZOS),
         transforms.ToTensor(),
         transforms.Normalize(mean, std)])
+
+
+class ImageListDataset(data.Dataset):
+    """Image files for captioning: (index, tensor), or (index, error message) for an unreadable file."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __getitem__(self, index):
+        try:
+            return index, self.transform(open_image(self.paths[index]))
+        except ImageError as e:
+            return index, str(e)
+
+    def __len__(self):
+        return len(self.paths)
+
+    @staticmethod
+    def collate(batch):
+        """(indices, stacked images or None, [(index, error)]) for a batch."""
+        good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
+        errors = [(i, x) for i, x in batch if not isinstance(x, torch.Tensor)]
+        images = torch.stack([x for _, x in good]) if good else None
+        return [i for i, _ in good], images, errors

@@ -8,6 +8,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.models as models
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -93,21 +94,25 @@ class EncoderCNN(nn.Module):
 
 
 class DecoderRNN(nn.Module):
-    """LSTM language model conditioned on the image: the image embedding is its first input."""
+    """LSTM language model conditioned on the image: the image embedding is its first input.
 
-    def __init__(self, embed_size, hidden_size, vocab_size, num_layers, max_seq_length=20):
+    `dropout` (0 in the classic recipe) drops LSTM inputs and outputs while training.
+    """
+
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers, max_seq_length=20, dropout=0.0):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_size)
         self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
         self.linear = nn.Linear(hidden_size, vocab_size)
+        self.dropout = nn.Dropout(dropout)
         self.max_seq_length = max_seq_length
 
     def forward(self, features, captions, lengths):
         """Scores for [<start>, w1 .. wn, <end>] from inputs [image, <start>, w1 .. wn], packed."""
-        embeddings = torch.cat((features.unsqueeze(1), self.embed(captions)), 1)
+        embeddings = self.dropout(torch.cat((features.unsqueeze(1), self.embed(captions)), 1))
         packed = pack_padded_sequence(embeddings, lengths, batch_first=True)
         hiddens, _ = self.lstm(packed)
-        return self.linear(hiddens.data)
+        return self.linear(self.dropout(hiddens.data))
 
     def sample(self, features, max_length=None):
         """Greedy decoding: feed each argmax word back in; returns (B, max_length) word ids."""
@@ -118,6 +123,47 @@ class DecoderRNN(nn.Module):
             sampled.append(predicted)
             inputs = self.embed(predicted).unsqueeze(1)
         return torch.stack(sampled, 1)
+
+    def beam_search(self, features, beam_size, end_id, max_length=None, length_penalty=0.0):
+        """Batched beam search; returns (B, steps) word ids of each image's best hypothesis.
+
+        All images and beams advance together as one batch of B*K rows. A beam that emits <end>
+        is finished: it keeps its score and extends only with <end>. Search stops when every beam
+        of every image is finished, or after max_length steps. Hypotheses are then ranked by
+        sum(log p) / length ** length_penalty. With beam_size 1 this is exactly greedy decoding.
+        """
+        B, K, steps = features.size(0), beam_size, max_length or self.max_seq_length
+        hiddens, states = self.lstm(features.unsqueeze(1))
+        log_probs = self.linear(hiddens.squeeze(1)).log_softmax(-1)  # (B, V)
+        vocab_size = log_probs.size(1)
+        scores, tokens = log_probs.topk(min(K, vocab_size), dim=1)  # (B, K)
+        if K > vocab_size:  # more beams than words: the extra ones start dead
+            scores = F.pad(scores, (0, K - vocab_size), value=float('-inf'))
+            tokens = F.pad(tokens, (0, K - vocab_size), value=end_id)
+        history = tokens.unsqueeze(2)  # (B, K, t)
+        states = tuple(s.repeat_interleave(K, dim=1) for s in states)  # rows ordered image-major
+        finished = tokens == end_id
+        lengths = torch.ones_like(scores)
+        offsets = (torch.arange(B, device=features.device) * K).unsqueeze(1)
+        for _ in range(steps - 1):
+            if finished.all():
+                break
+            hiddens, states = self.lstm(self.embed(tokens.reshape(-1)).unsqueeze(1), states)
+            log_probs = self.linear(hiddens.squeeze(1)).log_softmax(-1).view(B, K, vocab_size)
+            # A finished beam has one continuation, <end>, at no cost.
+            done_row = torch.full_like(log_probs[0, 0], float('-inf'))
+            done_row[end_id] = 0.0
+            log_probs = torch.where(finished.unsqueeze(2), done_row, log_probs)
+            scores, flat = (scores.unsqueeze(2) + log_probs).view(B, -1).topk(K, dim=1)
+            parent, tokens = flat // vocab_size, flat % vocab_size
+            finished = finished.gather(1, parent)
+            lengths = lengths.gather(1, parent) + (~finished).float()
+            history = torch.cat((history.gather(1, parent.unsqueeze(2).expand_as(history)), tokens.unsqueeze(2)), 2)
+            rows = (parent + offsets).reshape(-1)
+            states = tuple(s[:, rows] for s in states)
+            finished = finished | (tokens == end_id)
+        best = (scores / lengths ** length_penalty).argmax(1)
+        return history[torch.arange(B, device=features.device), best]
 
 
 def pick_device(name='auto'):

@@ -29,7 +29,9 @@ def test_encoder_has_the_classic_layout_and_stays_frozen():
     features = encoder(torch.randn(3, 3, 64, 64))
     assert features.shape == (3, 16) and features.requires_grad
     decoder = DecoderRNN(16, 24, 50, 2)
-    assert [n for n, _ in decoder.named_children()] == ['embed', 'lstm', 'linear']
+    assert list(decoder.state_dict()) == ['embed.weight', 'lstm.weight_ih_l0', 'lstm.weight_hh_l0', 'lstm.bias_ih_l0',
+                                          'lstm.bias_hh_l0', 'lstm.weight_ih_l1', 'lstm.weight_hh_l1',
+                                          'lstm.bias_ih_l1', 'lstm.bias_hh_l1', 'linear.weight', 'linear.bias']
 
 
 def test_decoder_trains_image_step_to_emit_start():
@@ -223,3 +225,50 @@ def test_sample_never_downloads(classic_files, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'TORCH_HOME': str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 1
+
+
+def sequence_score(decoder, feature, tokens, end_id):
+    """Sum of log p of a token sequence up to its first <end>, and its length, by teacher forcing."""
+    inputs, states, total = feature.view(1, 1, -1), None, 0.0
+    for length, token in enumerate(tokens, 1):
+        hiddens, states = decoder.lstm(inputs, states)
+        total += decoder.linear(hiddens[0, 0]).log_softmax(-1)[token].item()
+        if token == end_id:
+            return total, length
+        inputs = decoder.embed(torch.tensor([[token]]))
+    return total, len(tokens)
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.7, 2.0])
+def test_wide_beam_search_finds_the_exhaustive_optimum(alpha):
+    """With a beam as wide as the whole search space, beam search must return the best sequence."""
+    import itertools
+    torch.manual_seed(4)
+    vocab_size, steps, end_id = 4, 4, 2
+    decoder = DecoderRNN(6, 8, vocab_size, 1).eval()
+    with torch.no_grad():
+        decoder.linear.weight.mul_(4)  # peaky distributions, so that ties are unlikely
+        features = torch.randn(3, 6)
+        found = decoder.beam_search(features, vocab_size ** steps, end_id, steps, alpha)
+        for feature, tokens in zip(features, found.tolist()):
+            best = max((sequence_score(decoder, feature, seq, end_id) for seq in
+                        itertools.product(range(vocab_size), repeat=steps)), key=lambda s: s[0] / s[1] ** alpha)
+            score, length = sequence_score(decoder, feature, tokens, end_id)
+            assert score / length ** alpha == pytest.approx(best[0] / best[1] ** alpha, abs=1e-5)
+
+
+def test_beam_of_one_is_greedy_and_wider_beams_score_higher():
+    torch.manual_seed(5)
+    decoder = DecoderRNN(16, 32, 30, 2).eval()
+    with torch.no_grad():
+        decoder.linear.weight.mul_(3)
+        features = torch.randn(64, 16)
+        greedy = decoder.sample(features, 12)
+        beam1 = decoder.beam_search(features, 1, 2, 12)
+        beam5 = decoder.beam_search(features, 5, 2, 12)
+    for g, b1, b5, feature in zip(greedy.tolist(), beam1.tolist(), beam5.tolist(), features):
+        upto_end = lambda seq: seq[:seq.index(2) + 1] if 2 in seq else seq
+        assert upto_end(b1) == upto_end(g)
+    total = lambda seqs: sum(sequence_score(decoder, f, s, 2)[0] for f, s in zip(features, seqs))
+    with torch.no_grad():
+        assert total(beam5.tolist()) > total(greedy.tolist())

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 
@@ -111,3 +112,47 @@ def test_captions_on_cuda_like_on_cpu(tiny_model, capsys):
     cpu = caption_of(image, tiny_model, capsys).out
     sample.main(['--image', image, *model_flags(tiny_model)[:-2], '--device', 'cuda'])
     assert capsys.readouterr().out == cpu
+
+
+def test_many_images_folders_and_globs(tiny_model, coco_sample, tmp_path, capsys):
+    folder = coco_sample['images']
+    names = sorted(os.listdir(folder))
+    write_broken_images(tmp_path)
+    args = ['--image', folder, os.path.join(folder, names[0]), str(tmp_path / '*.jpg'), *model_flags(tiny_model),
+            '--batch_size', '5', '--num_workers', '0', '--output', str(tmp_path / 'results.json'),
+            '--sheet', str(tmp_path / 'sheet.png')]
+    with pytest.raises(SystemExit, match=r'3 of 15 images could not be read'):  # empty, text, truncated .jpg
+        sample.main(args)
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line.split('\t')[0] for line in lines] == [os.path.join(folder, n) for n in names]
+    assert all(len(line.split('\t')) == 2 and line.split('\t')[1] for line in lines)
+    assert captured.err.count('warning: skipped') == 3
+    results = json.load(open(tmp_path / 'results.json'))
+    assert [r['file_name'] for r in results] == [line.split('\t')[0] for line in lines]
+    assert [r['caption'] for r in results] == [line.split('\t')[1] for line in lines]
+    with Image.open(tmp_path / 'sheet.png') as sheet:
+        assert sheet.width > 800 and sheet.height > 600
+
+
+def test_batched_beam_one_equals_one_by_one_greedy(tiny_model, coco_sample, capsys):
+    folder = coco_sample['images']
+    sample.main(['--image', folder, *model_flags(tiny_model), '--batch_size', '7', '--beam_size', '1'])
+    batched = capsys.readouterr().out.splitlines()
+    for line in batched[:4]:
+        path, caption = line.split('\t')
+        sample.main(['--image', path, *model_flags(tiny_model)])
+        assert capsys.readouterr().out.strip() == caption
+
+
+def test_beam_size_and_bf16_flags(tiny_model, capsys):
+    image = os.path.join(ROOT, 'png', 'example.png')
+    for flags in (['--beam_size', '3'], ['--beam_size', '3', '--length_penalty', '1.0'], ['--precision', 'bf16'],
+                  ['--max_length', '3']):
+        out = caption_of(image, tiny_model, capsys, *flags).out
+        assert out.count('\n') == 1
+    assert len(out.split()) <= 3
+
+
+def test_no_images_in_a_folder_is_an_error(tiny_model, tmp_path):
+    assert 'no images there' in error_of('--image', str(tmp_path), *model_flags(tiny_model))

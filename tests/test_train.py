@@ -47,8 +47,8 @@ def test_tiny_model_learns_its_captions(tmp_path):
     encoder, decoder, config = load_captioner(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
                                               len(vocab), {}, 'cpu')
     assert config['cnn'] == 'efficientnet-lite0' and config['image_size'] == 64
-    images = [Image.open(folder / 'images' / name).convert('RGB') for name in SCENES]
-    captions = sample.caption_images(images, vocab, encoder, decoder, config, 'cpu')
+    paths = [str(folder / 'images' / name) for name in SCENES]
+    captions = [c for _, c in sample.caption_files(paths, vocab, encoder, decoder, config, torch.device('cpu'))]
     assert captions == [caption for _, caption in SCENES.values()]
 
     log = [json.loads(line) for line in open(models / 'train_log.jsonl')]
