@@ -40,11 +40,13 @@ def _spice_ready():
     return os.path.exists(os.path.join(os.path.dirname(spice.__file__), 'lib', 'stanford-corenlp-3.6.0.jar'))
 
 
-def score(references, predictions, metrics=METRICS, log=sys.stderr):
+def score(references, predictions, metrics=METRICS):
     """Score {image_id: caption} against {image_id: [reference captions]} with pycocoevalcap's scorers.
 
-    Only images with both a prediction and references are scored. Returns {metric: value}.
+    Only images with both a prediction and references are scored. Returns {metric: value};
+    messages (and the scorers' own progress output) go to stderr.
     """
+    log = sys.stderr
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

@@ -5,8 +5,13 @@ Checkpoints `encoder-{epoch}-{step}.ckpt` / `decoder-{epoch}-{step}.ckpt` go to
 the decoder file also holds the optimizer, RNG states and arguments, so
 `--resume latest` continues exactly where a killed run stopped. Ctrl-C or SIGTERM
 saves and exits. A JSONL log and a loss-curve PNG are written beside them.
+With --val_caption_path, each epoch ends with the validation loss and greedy
+BLEU-4 and CIDEr, and the best model by CIDEr is kept as `*-best.ckpt`.
+`--features DIR` trains from a cache made by extract_features.py; `torchrun
+--nproc_per_node=N train.py ...` trains on N processes (DistributedDataParallel).
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -18,12 +23,14 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from tqdm import tqdm
 
-from build_vocab import CaptionFileError, VocabularyError, load_vocab
-from data_loader import get_loader, train_transform
+from build_vocab import CaptionFileError, VocabularyError, ids_to_caption, load_vocab
+from data_loader import (CocoDataset, FeatureCacheError, FeatureDataset, FirstImages, GroupedDataset, collate_fn,
+                         eval_transform, get_loader, read_feature_index, train_transform)
 from model import (CNN_CHOICES, CheckpointError, DecoderRNN, EncoderCNN, WeightsError, encoder_state,
                    load_checkpoint, pick_device, save_checkpoint)
 
@@ -46,14 +53,31 @@ def parse_args(argv=None):
     parser.add_argument('--hidden_size', type=int, default=512, help='LSTM hidden size')
     parser.add_argument('--num_layers', type=int, default=1, help='LSTM layers')
     parser.add_argument('--num_epochs', type=int, default=5)
-    parser.add_argument('--batch_size', type=int, default=128)
+    parser.add_argument('--batch_size', type=int, default=128, help='captions per batch (per process)')
     parser.add_argument('--num_workers', type=int, default=2, help='data loading processes')
     parser.add_argument('--learning_rate', type=float, default=0.001)
+    parser.add_argument('--lr_decay_every', type=int, default=0, help='multiply the learning rate by --lr_decay '
+                        'every this many epochs (0 = constant, as the classic recipe)')
+    parser.add_argument('--lr_decay', type=float, default=0.5)
+    parser.add_argument('--grad_clip', type=float, default=0, help='clip the gradient norm (0 = off)')
+    parser.add_argument('--dropout', type=float, default=0, help='decoder dropout (0 = classic)')
     parser.add_argument('--seed', type=int, default=0, help='seeds the weights, the shuffle and the augmentation')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu, cuda:1")
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
+                        help='mixed precision (default: on with CUDA, off elsewhere)')
     parser.add_argument('--resume', help="a checkpoint to continue from, or 'latest' in --model_path")
     parser.add_argument('--keep_last', type=int, default=0,
                         help='keep only the newest N step checkpoints (0 = keep all)')
+    speed = parser.add_argument_group('speed')
+    speed.add_argument('--features', help='train from this feature cache (extract_features.py) instead of images')
+    speed.add_argument('--captions_per_image', type=int, default=1,
+                       help='without a cache: batch k captions of an image so one backbone forward serves them '
+                            '(1 = classic: one sample per caption)')
+    val = parser.add_argument_group('validation')
+    val.add_argument('--val_caption_path', help='COCO-format validation captions (none: no validation)')
+    val.add_argument('--val_image_dir', default='data/val2014', help='validation images')
+    val.add_argument('--val_features', help='validation feature cache (default: --features)')
+    val.add_argument('--val_images', type=int, default=500, help='images captioned for BLEU-4 and CIDEr')
     return parser.parse_args(argv)
 
 
@@ -92,10 +116,10 @@ def prune_checkpoints(model_path, keep_last):
             os.remove(old)
 
 
-def model_config(args, vocab_size, encoder):
+def model_config(args, vocab_size, encoder, image_size):
     """What sample.py needs to rebuild the model and read images the way it was trained."""
     return {'cnn': args.cnn, 'embed_size': args.embed_size, 'hidden_size': args.hidden_size,
-            'num_layers': args.num_layers, 'vocab_size': vocab_size, 'image_size': args.crop_size,
+            'num_layers': args.num_layers, 'vocab_size': vocab_size, 'image_size': image_size,
             'mean': list(encoder.mean), 'std': list(encoder.std)}
 
 
@@ -125,19 +149,23 @@ def read_log(path):
 
 
 def plot_log(log_path, png_path):
-    """Draw the loss curve of a JSONL training log."""
+    """Draw the loss curves (training, and validation when there is one) of a JSONL training log."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    records = read_log(log_path)
+    records = [r for r in read_log(log_path) if 'loss' in r]
+    validation = [r for r in read_log(log_path) if 'val_loss' in r]
     if not records:
         return
     steps_per_epoch = max(r['step'] for r in records)
-    x = [r['epoch'] - 1 + r['step'] / steps_per_epoch for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(x, [r['loss'] for r in records])
+    ax.plot([r['epoch'] - 1 + r['step'] / steps_per_epoch for r in records], [r['loss'] for r in records],
+            label='training')
+    if validation:
+        ax.plot([r['epoch'] for r in validation], [r['val_loss'] for r in validation], 'o-', label='validation')
+        ax.legend()
     ax.set_xlabel('epoch')
-    ax.set_ylabel('training loss (cross-entropy)')
+    ax.set_ylabel('loss (cross-entropy)')
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -164,96 +192,213 @@ class StopRequest:
         tqdm.write(f'{signal.Signals(signum).name}: saving a checkpoint after this step', file=sys.stderr)
 
 
+class Captioner(nn.Module):
+    """Encoder and decoder as one module (one DistributedDataParallel wrapper for both)."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, inputs, captions, lengths, owners=None, from_features=False):
+        features = self.encoder.project(inputs) if from_features else self.encoder(inputs)
+        if owners is not None:  # several captions per image: each caption takes its image's row
+            features = features[owners]
+        return self.decoder(features, captions, lengths)
+
+
+def distributed():
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world == 1:
+        return 0, 1, 0
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
+
+
+def datasets(args, vocab, encoder):
+    """The training set, the validation set (or None), and the input size the model will see."""
+    if args.features:
+        index = read_feature_index(args.features)
+        if index['cnn'] != args.cnn:
+            raise FeatureCacheError(f"{args.features}: cached with --cnn {index['cnn']}, not {args.cnn}")
+        train_set = FeatureDataset(args.features, args.caption_path, vocab, flip=True)
+        image_size = index['image_size']
+    else:
+        train_set = CocoDataset(args.image_dir, args.caption_path, vocab,
+                                train_transform(args.crop_size, encoder.mean, encoder.std))
+        image_size = args.crop_size
+        if args.captions_per_image > 1:
+            train_set = GroupedDataset(train_set, args.captions_per_image)
+    if len(train_set) == 0:
+        raise CaptionFileError(f'{args.caption_path}: no caption has its image in {args.features or args.image_dir}')
+    val_set = None
+    if args.val_caption_path:
+        val_features = args.val_features or args.features
+        if val_features:
+            val_set = FeatureDataset(val_features, args.val_caption_path, vocab)
+        else:
+            val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
+                                  eval_transform(image_size, encoder.mean, encoder.std))
+    return train_set, val_set, image_size
+
+
+@torch.inference_mode()
+def validate(model, val_set, vocab, args, device, from_features):
+    """Validation loss over every caption, and greedy BLEU-4 and CIDEr on the first --val_images images."""
+    from evaluate import score
+    model.eval()
+    total, count = 0.0, 0
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=collate_fn)
+    for batch in tqdm(loader, desc='validation loss', unit='batch', file=sys.stderr, leave=False):
+        if batch is not None:
+            inputs, captions, lengths = (batch[0].to(device), batch[1].to(device), batch[2])
+            targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+            outputs = model(inputs, captions, lengths, from_features=from_features)
+            total += nn.functional.cross_entropy(outputs, targets, reduction='sum').item()
+            count += targets.numel()
+    predictions = {}
+    images = FirstImages(val_set, args.val_images)
+    for ids, inputs in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers,
+                                                   collate_fn=FirstImages.collate):
+        if ids:
+            inputs = inputs.to(device)
+            features = model.encoder.project(inputs) if from_features else model.encoder(inputs)
+            for image_id, row in zip(ids, model.decoder.sample(features).cpu()):
+                predictions[image_id] = ids_to_caption(vocab, row)
+    references = {}
+    for _, caption, image_id in val_set.samples:
+        references.setdefault(image_id, []).append(caption)
+    scores = score(references, predictions, metrics=('Bleu_4', 'CIDEr'))
+    model.train()
+    return {'val_loss': total / max(count, 1), 'Bleu_4': scores['Bleu_4'], 'CIDEr': scores['CIDEr']}
+
+
 def train(args):
-    device = pick_device(args.device)
+    rank, world, local_rank = distributed()
+    device = torch.device('cuda', local_rank) if world > 1 and torch.cuda.is_available() else pick_device(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    use_amp = args.amp if args.amp is not None else device.type == 'cuda'
+    amp_dtype = torch.bfloat16 if device.type != 'cuda' or torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
     vocab = load_vocab(args.vocab_path)
-    encoder = EncoderCNN(args.embed_size, args.cnn).to(device)
-    decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers).to(device)
-    config = model_config(args, len(vocab), encoder)
+    encoder = EncoderCNN(args.embed_size, args.cnn)
+    decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers, dropout=args.dropout)
+    train_set, val_set, image_size = datasets(args, vocab, encoder)
+    config = model_config(args, len(vocab), encoder, image_size)
+    model = Captioner(encoder, decoder).to(device)
     params = list(decoder.parameters()) + list(encoder.linear.parameters()) + list(encoder.bn.parameters())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss()
+    from_features = args.features is not None
+    main_process = rank == 0
 
     os.makedirs(args.model_path, exist_ok=True)
     log_path = os.path.join(args.model_path, LOG_NAME)
     # Where training stands; saved in every checkpoint so that a resumed run carries on exactly.
-    progress = args.resume and resume(args, config, encoder, decoder, optimizer, log_path)
+    progress = args.resume and resume(args, config, encoder, decoder, optimizer, log_path, main_process)
     if not progress:
-        progress = {'epoch': 1, 'step': 0, 'window': [], 'skipped': 0, 'seconds': 0.0}
-        open(log_path, 'w').close()  # a fresh run starts a fresh log
+        progress = {'epoch': 1, 'step': 0, 'window': [], 'skipped': 0, 'seconds': 0.0, 'best_cider': None}
+        if main_process:
+            open(log_path, 'w').close()  # a fresh run starts a fresh log
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda' else None) \
+        if world > 1 else model
 
-    loader = get_loader(args.image_dir, args.caption_path, vocab,
-                        train_transform(args.crop_size, encoder.mean, encoder.std),
-                        args.batch_size, shuffle=True, num_workers=args.num_workers, seed=args.seed)
+    # A batch holds --batch_size captions: with --captions_per_image k, that is batch_size // k images.
+    per_batch = max(1, args.batch_size // args.captions_per_image) if isinstance(train_set, GroupedDataset) \
+        else args.batch_size
+    loader = get_loader(None, None, vocab, None, per_batch, shuffle=True, num_workers=args.num_workers,
+                        seed=args.seed, dataset=train_set, num_replicas=world, rank=rank)
     sampler = loader.sampler
-    if sampler.size == 0:
-        raise CaptionFileError(f'{args.caption_path}: no caption has its image in {args.image_dir}')
-    total_steps = math.ceil(sampler.size / args.batch_size)
+    total_steps = math.ceil(sampler.num_samples / per_batch)
 
-    def save(epoch, step):
-        name = f'{epoch}-{step}.ckpt'
+    def save(name, with_state=True):
         progress['seconds'] = time.time() - started
         train_state = {'optimizer': optimizer.state_dict(), 'progress': progress, 'rng': rng_state(),
                        'args': vars(args)}
         save_checkpoint({'config': config, 'model': encoder_state(encoder, args.cnn)},
-                        os.path.join(args.model_path, 'encoder-' + name))
-        save_checkpoint({'config': config, 'model': decoder.state_dict(), 'train_state': train_state},
-                        os.path.join(args.model_path, 'decoder-' + name))
+                        os.path.join(args.model_path, f'encoder-{name}.ckpt'))
+        save_checkpoint({'config': config, 'model': decoder.state_dict(),
+                         **({'train_state': train_state} if with_state else {})},
+                        os.path.join(args.model_path, f'decoder-{name}.ckpt'))
         if args.keep_last:
             prune_checkpoints(args.model_path, args.keep_last)
 
+    def log(record):
+        log_file.write(json.dumps({**record, 'seconds': round(time.time() - started, 2)}) + '\n')
+        log_file.flush()
+
     started = time.time() - progress['seconds']
-    encoder.train()
-    decoder.train()
-    with StopRequest() as stop, open(log_path, 'a') as log:
+    model.train()
+    with StopRequest() as stop, open(log_path, 'a') if main_process else contextlib.nullcontext() as log_file:
         while progress['epoch'] <= args.num_epochs:
             epoch = progress['epoch']
-            sampler.epoch, sampler.start = epoch, progress['step'] * args.batch_size
+            sampler.set_epoch(epoch)
+            sampler.start = progress['step'] * per_batch
+            if args.lr_decay_every:
+                for group in optimizer.param_groups:
+                    group['lr'] = args.learning_rate * args.lr_decay ** ((epoch - 1) // args.lr_decay_every)
             bar = tqdm(loader, desc=f'epoch {epoch}/{args.num_epochs}', total=total_steps, initial=progress['step'],
-                       unit='batch', file=sys.stderr, dynamic_ncols=True)
+                       unit='batch', file=sys.stderr, dynamic_ncols=True, disable=not main_process)
             for batch in bar:
                 progress['step'] = step = progress['step'] + 1
-                expected = min(args.batch_size, sampler.size - (step - 1) * args.batch_size)
-                progress['skipped'] += expected - (len(batch[2]) if batch else 0)
-                if batch is not None and len(batch[2]) < 2:
+                expected = min(per_batch, sampler.num_samples - (step - 1) * per_batch)
+                progress['skipped'] += expected - (len(batch[0]) if batch else 0)
+                if batch is not None and len(batch[0]) < 2:
                     tqdm.write(f'step {step}: skipped a batch of one sample (BatchNorm needs two)', file=sys.stderr)
                 elif batch is not None:
-                    images, captions, lengths = batch
-                    images, captions = images.to(device), captions.to(device)
+                    inputs, captions, lengths = batch[0].to(device), batch[1].to(device), batch[2]
+                    owners = batch[3].to(device) if len(batch) == 4 else None
                     targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-                    loss = criterion(decoder(encoder(images), captions, lengths), targets)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        loss = criterion(ddp(inputs, captions, lengths, owners, from_features).float(), targets)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    if args.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(params, args.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
                     progress['window'].append(loss.item())
                     bar.set_postfix(loss=f'{loss.item():.3f}', perplexity=f'{math.exp(loss.item()):.1f}')
                 if step % args.log_step == 0 and progress['window']:
                     mean_loss = sum(progress['window']) / len(progress['window'])
-                    log.write(json.dumps({'epoch': epoch, 'step': step, 'loss': mean_loss,
-                                          'perplexity': math.exp(mean_loss),
-                                          'seconds': round(time.time() - started, 2)}) + '\n')
-                    log.flush()
+                    if main_process:
+                        log({'epoch': epoch, 'step': step, 'loss': mean_loss, 'perplexity': math.exp(mean_loss)})
                     progress['window'] = []
-                if step % args.save_step == 0 or step == total_steps or stop.signum:
-                    if step == total_steps:  # the epoch is done: its checkpoint resumes at the next one
-                        if progress['skipped']:
-                            tqdm.write(f"epoch {epoch}: skipped {progress['skipped']} unreadable images",
-                                       file=sys.stderr)
-                        progress.update(epoch=epoch + 1, step=0, skipped=0)
-                    save(epoch, step)
+                if step == total_steps:  # the epoch is done: validate; its checkpoint resumes at the next one
+                    if progress['skipped']:
+                        tqdm.write(f"epoch {epoch}: skipped {progress['skipped']} unreadable images", file=sys.stderr)
+                    if val_set is not None and main_process:
+                        scores = validate(model, val_set, vocab, args, device, from_features)
+                        log({'epoch': epoch, 'step': step, **scores})
+                        tqdm.write(f"epoch {epoch}: validation loss {scores['val_loss']:.4f}, "
+                                   f"BLEU-4 {scores['Bleu_4']:.4f}, CIDEr {scores['CIDEr']:.4f}", file=sys.stderr)
+                        if progress['best_cider'] is None or scores['CIDEr'] > progress['best_cider']:
+                            progress['best_cider'] = scores['CIDEr']
+                            save('best', with_state=False)
+                    progress.update(epoch=epoch + 1, step=0, skipped=0)
+                if main_process and (step % args.save_step == 0 or step == total_steps or stop.signum):
+                    save(f'{epoch}-{step}')
                 if stop.signum:
                     bar.close()
                     print(f'stopped by {signal.Signals(stop.signum).name} at epoch {epoch} step {step}; '
                           f"continue with --resume latest", file=sys.stderr)
                     return 128 + stop.signum
             bar.close()
-    plot_log(log_path, os.path.join(args.model_path, PLOT_NAME))
+            if world > 1:
+                dist.barrier()
+    if main_process:
+        plot_log(log_path, os.path.join(args.model_path, PLOT_NAME))
+    if world > 1:
+        dist.destroy_process_group()
     return 0
 
 
-def resume(args, config, encoder, decoder, optimizer, log_path):
+def resume(args, config, encoder, decoder, optimizer, log_path, main_process=True):
     """Load a training checkpoint into the models and optimizer; returns its progress.
 
     Returns None when `--resume latest` finds no checkpoint yet (training starts afresh).
@@ -276,9 +421,10 @@ def resume(args, config, encoder, decoder, optimizer, log_path):
     set_rng_state(state['rng'])
     progress = state['progress']
     position = (progress['epoch'], progress['step'])
-    kept = [r for r in read_log(log_path) if (r['epoch'], r['step']) <= position]
-    with open(log_path, 'w') as f:  # drop log lines written after the checkpoint
-        f.writelines(json.dumps(r) + '\n' for r in kept)
+    if main_process:
+        kept = [r for r in read_log(log_path) if (r['epoch'], r['step']) <= position]
+        with open(log_path, 'w') as f:  # drop log lines written after the checkpoint
+            f.writelines(json.dumps(r) + '\n' for r in kept)
     print(f'resuming from {decoder_path} (epoch {progress["epoch"]}, step {progress["step"]} done)',
           file=sys.stderr)
     return progress
@@ -288,7 +434,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except (CaptionFileError, VocabularyError, CheckpointError, WeightsError) as e:
+    except (CaptionFileError, VocabularyError, CheckpointError, WeightsError, FeatureCacheError) as e:
         sys.exit(f'error: {e}')
 
 

@@ -1,0 +1,130 @@
+"""Run the frozen backbone once per image and cache its pooled features for `train.py --features`.
+
+The classic recipe runs the backbone for every caption of every epoch although the
+backbone never learns. This runs it once per image — the whole image squared to
+--image_size, as sample.py sees it — and stores the features as float16 in one
+memory-mapped array, `features.npy` (row i = `index.json`'s files[i]), optionally
+with the mirrored image's features in `features_flip.npy` for augmentation.
+Work in progress lives in `*.partial` files and resumes where it stopped; the
+finished cache appears only when complete. A cache built with another backbone or
+image size is refused.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from build_vocab import CaptionFileError, read_captions
+from data_loader import FeatureCacheError, ImageListDataset, eval_transform
+from model import CNN_CHOICES, EncoderCNN, WeightsError, pick_device
+
+
+def write_json(obj, path):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+
+
+def plan(args, backbone):
+    """The cache's index: settings, the image files (in row order), progress so far."""
+    names = set()
+    for caption_path in args.caption_path:
+        names.update(read_captions(caption_path)[1].values())
+    present = sorted(n for n in names if os.path.isfile(os.path.join(args.image_dir, n)))
+    if len(present) < len(names):
+        print(f'warning: {len(names) - len(present)} of {len(names)} images are not in {args.image_dir}; '
+              f'their captions will be dropped', file=sys.stderr)
+    return {'cnn': args.cnn, 'image_size': args.image_size, 'mean': list(backbone.mean), 'std': list(backbone.std),
+            'feature_size': backbone.feature_size, 'flip': args.flip, 'files': present, 'broken': [], 'done': 0}
+
+
+def check_compatible(found, wanted, where):
+    for key in ('cnn', 'image_size', 'flip', 'files'):
+        if found[key] != wanted[key]:
+            what = 'other images' if key == 'files' else f'{key}={found[key]!r} (asked: {wanted[key]!r})'
+            raise FeatureCacheError(f'{where}: this cache was built with {what}; '
+                                    f'use another --output_dir or delete it')
+
+
+def extract(args):
+    device = pick_device(args.device)
+    encoder = EncoderCNN(1, args.cnn).to(device).eval()  # only its backbone is used
+    index = plan(args, encoder)
+    os.makedirs(args.output_dir, exist_ok=True)
+    index_path = os.path.join(args.output_dir, 'index.json')
+    arrays = ['features.npy'] + (['features_flip.npy'] if args.flip else [])
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            check_compatible(json.load(f), index, args.output_dir)
+        print(f'{args.output_dir}: the cache is already complete')
+        return
+    shape = (len(index['files']), encoder.feature_size)
+    if os.path.exists(index_path + '.partial'):
+        with open(index_path + '.partial') as f:
+            found = json.load(f)
+        check_compatible(found, index, args.output_dir)
+        index = found
+        stores = [np.load(os.path.join(args.output_dir, a + '.partial'), mmap_mode='r+') for a in arrays]
+    else:
+        stores = [np.lib.format.open_memmap(os.path.join(args.output_dir, a + '.partial'), mode='w+',
+                                            dtype=np.float16, shape=shape) for a in arrays]
+        write_json(index, index_path + '.partial')
+    paths = [os.path.join(args.image_dir, n) for n in index['files']]
+    dataset = ImageListDataset(paths, eval_transform(args.image_size, encoder.mean, encoder.std))
+    todo = torch.utils.data.Subset(dataset, range(index['done'], len(paths)))
+    loader = torch.utils.data.DataLoader(todo, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=ImageListDataset.collate)
+    encoder.to(memory_format=torch.channels_last)
+    with torch.inference_mode(), tqdm(total=len(paths), initial=index['done'], desc='extracting', unit='image',
+                                      file=sys.stderr) as bar:
+        for indices, images, errors in loader:
+            for i, error in errors:
+                tqdm.write(f'warning: skipped {error}', file=sys.stderr)
+                index['broken'].append(index['files'][i])
+            if indices:
+                images = images.to(device, memory_format=torch.channels_last)
+                batches = [images, images.flip(3)] if args.flip else [images]
+                for store, batch in zip(stores, batches):
+                    store[indices] = encoder.backbone_features(batch).cpu().numpy().astype(np.float16)
+            for store in stores:
+                store.flush()
+            index['done'] += len(indices) + len(errors)
+            write_json(index, index_path + '.partial')  # only after the rows are on disk
+            bar.update(len(indices) + len(errors))
+    del stores
+    for a in arrays:
+        os.replace(os.path.join(args.output_dir, a + '.partial'), os.path.join(args.output_dir, a))
+    del index['done']
+    write_json(index, index_path)
+    os.remove(index_path + '.partial')
+    print(f"Cached {len(paths) - len(index['broken'])} images' features in {args.output_dir}"
+          f" ({len(index['broken'])} unreadable)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--image_dir', default='data/resized2014', help='folder of the images')
+    parser.add_argument('--caption_path', nargs='+', default=['data/annotations/captions_train2014.json'],
+                        help='caption files whose images to cache (several share one cache)')
+    parser.add_argument('--output_dir', default='data/features', help='folder for the cache')
+    parser.add_argument('--cnn', default='resnet152', choices=CNN_CHOICES, help='backbone')
+    parser.add_argument('--image_size', type=int, default=224, help='images are squared to this size')
+    parser.add_argument('--flip', action='store_true', help="also cache the mirrored images' features")
+    parser.add_argument('--batch_size', type=int, default=32)
+    parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
+    parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")
+    args = parser.parse_args(argv)
+    try:
+        extract(args)
+    except (CaptionFileError, FeatureCacheError, WeightsError) as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()
