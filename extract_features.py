@@ -31,7 +31,7 @@ def write_json(obj, path):
     os.replace(path + '.tmp', path)
 
 
-def plan(args, backbone):
+def plan(args):
     """The cache's index: settings, the image files (in row order), progress so far."""
     names = set()
     for caption_path in args.caption_path:
@@ -40,8 +40,8 @@ def plan(args, backbone):
     if len(present) < len(names):
         print(f'warning: {len(names) - len(present)} of {len(names)} images are not in {args.image_dir}; '
               f'their captions will be dropped', file=sys.stderr)
-    return {'cnn': args.cnn, 'image_size': args.image_size, 'mean': list(backbone.mean), 'std': list(backbone.std),
-            'feature_size': backbone.feature_size, 'flip': args.flip, 'files': present, 'broken': [], 'done': 0}
+    return {'cnn': args.cnn, 'image_size': args.image_size, 'flip': args.flip, 'files': present, 'broken': [],
+            'done': 0}
 
 
 def check_compatible(found, wanted, where):
@@ -53,9 +53,7 @@ def check_compatible(found, wanted, where):
 
 
 def extract(args):
-    device = pick_device(args.device)
-    encoder = EncoderCNN(1, args.cnn).to(device).eval()  # only its backbone is used
-    index = plan(args, encoder)
+    index = plan(args)
     os.makedirs(args.output_dir, exist_ok=True)
     index_path = os.path.join(args.output_dir, 'index.json')
     arrays = ['features.npy'] + (['features_flip.npy'] if args.flip else [])
@@ -64,12 +62,16 @@ def extract(args):
             check_compatible(json.load(f), index, args.output_dir)
         print(f'{args.output_dir}: the cache is already complete')
         return
-    shape = (len(index['files']), encoder.feature_size)
-    if os.path.exists(index_path + '.partial'):
+    resuming = os.path.exists(index_path + '.partial')
+    if resuming:
         with open(index_path + '.partial') as f:
             found = json.load(f)
         check_compatible(found, index, args.output_dir)
         index = found
+    device = pick_device(args.device)
+    encoder = EncoderCNN(1, args.cnn).to(device).eval()  # only its backbone is used
+    shape = (len(index['files']), encoder.feature_size)
+    if resuming:
         stores = [np.load(os.path.join(args.output_dir, a + '.partial'), mmap_mode='r+') for a in arrays]
     else:
         stores = [np.lib.format.open_memmap(os.path.join(args.output_dir, a + '.partial'), mode='w+',

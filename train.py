@@ -218,11 +218,8 @@ def distributed():
 def datasets(args, vocab, encoder):
     """The training set, the validation set (or None), and the input size the model will see."""
     if args.features:
-        index = read_feature_index(args.features)
-        if index['cnn'] != args.cnn:
-            raise FeatureCacheError(f"{args.features}: cached with --cnn {index['cnn']}, not {args.cnn}")
         train_set = FeatureDataset(args.features, args.caption_path, vocab, flip=True)
-        image_size = index['image_size']
+        image_size = train_set.index['image_size']
     else:
         train_set = CocoDataset(args.image_dir, args.caption_path, vocab,
                                 train_transform(args.crop_size, encoder.mean, encoder.std))
@@ -284,6 +281,9 @@ def train(args):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     vocab = load_vocab(args.vocab_path)
+    for cache in {args.features, args.val_features} - {None}:  # before the backbone is built (or downloaded)
+        if read_feature_index(cache)['cnn'] != args.cnn:
+            raise FeatureCacheError(f"{cache}: cached with --cnn {read_feature_index(cache)['cnn']}, not {args.cnn}")
     encoder = EncoderCNN(args.embed_size, args.cnn)
     decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers, dropout=args.dropout)
     train_set, val_set, image_size = datasets(args, vocab, encoder)

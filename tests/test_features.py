@@ -1,0 +1,139 @@
+"""The speed paths: feature cache, captions grouped per image, multi-process training."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import extract_features
+import sample
+import train
+from build_vocab import load_vocab
+from conftest import ROOT
+from data_loader import CocoDataset, GroupedDataset, collate_grouped, eval_transform
+from model import EncoderCNN, load_captioner
+from odd_images import write_broken_images
+from test_train import make_scenes, train_args
+
+
+def extract(folder, out, *extra):
+    extract_features.main(['--image_dir', str(folder / 'images'), '--caption_path', str(folder / 'captions.json'),
+                           '--output_dir', str(out), '--cnn', 'efficientnet-lite0', '--image_size', '64',
+                           '--batch_size', '3', '--num_workers', '0', '--device', 'cpu', *extra])
+
+
+def test_cache_holds_the_backbone_features_of_whole_images(tmp_path):
+    folder = make_scenes(tmp_path)
+    write_broken_images(folder / 'images')
+    captions = json.load(open(folder / 'captions.json'))
+    captions['images'].append({'id': 99, 'file_name': 'truncated.jpg'})
+    (folder / 'captions.json').write_text(json.dumps(captions))
+    extract(folder, tmp_path / 'cache', '--flip')
+    index = json.load(open(tmp_path / 'cache' / 'index.json'))
+    assert index['files'] == ['blue.png', 'green.png', 'red.png', 'truncated.jpg', 'yellow.png']
+    assert index['broken'] == ['truncated.jpg'] and index['cnn'] == 'efficientnet-lite0'
+    features = np.load(tmp_path / 'cache' / 'features.npy')
+    flipped = np.load(tmp_path / 'cache' / 'features_flip.npy')
+    assert features.dtype == np.float16 and features.shape == (5, 1280)
+    encoder = EncoderCNN(8, 'efficientnet-lite0').eval()
+    transform = eval_transform(64, encoder.mean, encoder.std)
+    from resize import open_image
+    image = transform(open_image(str(folder / 'images' / 'red.png')))[None]
+    expected = encoder.backbone_features(image)[0].numpy()
+    assert np.allclose(features[2], expected, rtol=1e-2, atol=1e-2)
+    assert np.allclose(flipped[2], encoder.backbone_features(image.flip(3))[0].numpy(), rtol=1e-2, atol=1e-2)
+    assert not [f for f in os.listdir(tmp_path / 'cache') if f.endswith('.partial')]
+
+
+def test_extraction_resumes_and_refuses_another_backbone(tmp_path, monkeypatch, capsys):
+    folder = make_scenes(tmp_path)
+    cache = tmp_path / 'cache'
+    calls = []
+    real = EncoderCNN.backbone_features
+
+    def dies_on_second_batch(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, images)
+    monkeypatch.setattr(EncoderCNN, 'backbone_features', dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(folder, cache)
+    assert not (cache / 'index.json').exists() and not (cache / 'features.npy').exists()
+    assert json.load(open(cache / 'index.json.partial'))['done'] == 3
+    with pytest.raises(SystemExit, match='no complete feature cache.*run extract_features.py again'):
+        train.main(train_args(folder, tmp_path / 'm', '--features', str(cache)))
+    calls.clear()
+    monkeypatch.setattr(EncoderCNN, 'backbone_features', real)
+    extract(folder, cache)
+    assert json.load(open(cache / 'index.json'))['files'] == ['blue.png', 'green.png', 'red.png', 'yellow.png']
+    extract(folder, cache)
+    assert 'already complete' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"built with image_size=64 \(asked: 96\)"):
+        extract(folder, cache, '--image_size', '96')
+    with pytest.raises(SystemExit, match=r"built with cnn='efficientnet-lite0' \(asked: 'resnet18'\)"):
+        extract_features.main(['--image_dir', str(folder / 'images'), '--caption_path', str(folder / 'captions.json'),
+                               '--output_dir', str(cache), '--cnn', 'resnet18', '--image_size', '64'])
+
+
+def test_training_from_the_cache_learns_and_its_checkpoints_caption_images(tmp_path, capsys):
+    folder = make_scenes(tmp_path)
+    extract(folder, tmp_path / 'cache', '--flip')
+    models = tmp_path / 'models'
+    assert train.main(train_args(folder, models, '--features', str(tmp_path / 'cache'), '--num_epochs', '60',
+                                 '--learning_rate', '0.01', '--log_step', '2')) == 0
+    vocab = load_vocab(str(folder / 'vocab.pkl'))
+    encoder, decoder, config = load_captioner(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
+                                              len(vocab), {}, 'cpu')
+    assert config['image_size'] == 64 and config['cnn'] == 'efficientnet-lite0'
+    paths = [str(folder / 'images' / name) for name in ('red.png', 'blue.png', 'green.png', 'yellow.png')]
+    captions = [c for _, c in sample.caption_files(paths, vocab, encoder, decoder, config, torch.device('cpu'))]
+    assert captions == ['a red square on a white wall', 'two blue birds in the sky', 'a green field with a tree',
+                        'a yellow taxi on the road']
+    with pytest.raises(SystemExit, match='cached with --cnn efficientnet-lite0, not resnet18'):
+        train.main(train_args(folder, models, '--features', str(tmp_path / 'cache'), '--cnn', 'resnet18'))
+
+
+def test_captions_grouped_per_image(coco_sample):
+    vocab = load_vocab(coco_sample['vocab'])
+    dataset = CocoDataset(coco_sample['images'], coco_sample['captions'], vocab,
+                          eval_transform(32, (0.5,) * 3, (0.5,) * 3))
+    grouped = GroupedDataset(dataset, 5)
+    assert len(grouped) == 12 and len(dataset) == 60
+    batch = collate_grouped([grouped[0], grouped[1], None])
+    images, targets, lengths, owners = batch
+    assert images.shape == (2, 3, 32, 32) and targets.shape[0] == 10 and sorted(owners.tolist()) == [0] * 5 + [1] * 5
+    assert lengths == sorted(lengths, reverse=True)
+    first_image_captions = {tuple(dataset.word_ids(c).tolist()) for k, c, _ in dataset.samples if k == grouped.groups[0][0]}
+    assert {tuple(targets[i, :lengths[i]].tolist()) for i in range(10) if owners[i] == 0} == first_image_captions
+
+
+def test_grouped_training_runs_fewer_backbone_forwards(tmp_path, monkeypatch):
+    folder = make_scenes(tmp_path)
+    forwards = []
+    real = EncoderCNN.backbone_features
+    monkeypatch.setattr(EncoderCNN, 'backbone_features', lambda self, x: forwards.append(len(x)) or real(self, x))
+    assert train.main(train_args(folder, tmp_path / 'plain', '--num_epochs', '1')) == 0
+    plain, forwards[:] = sum(forwards), []
+    assert train.main(train_args(folder, tmp_path / 'grouped', '--num_epochs', '1', '--captions_per_image', '2')) == 0
+    assert plain == 8 and sum(forwards) == 4  # 8 captions of 4 images
+
+
+def test_torchrun_two_gloo_processes(tmp_path):
+    """DistributedDataParallel on CPU: two processes share the data; only rank 0 logs and saves."""
+    folder = make_scenes(tmp_path)
+    models = tmp_path / 'models'
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
+                             'train.py', *train_args(folder, models, '--num_epochs', '2', '--batch_size', '2',
+                                                     '--log_step', '1')],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 8 captions over 2 processes at 2 per batch: 2 steps per epoch.
+    assert sorted(p for p in os.listdir(models) if p.endswith('.ckpt')) == [
+        'decoder-1-2.ckpt', 'decoder-2-2.ckpt', 'encoder-1-2.ckpt', 'encoder-2-2.ckpt']
+    log = [json.loads(line) for line in open(models / 'train_log.jsonl')]
+    assert [(r['epoch'], r['step']) for r in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]
