@@ -5,14 +5,15 @@ backbone never learns. This runs it once per image — the whole image squared t
 --image_size, as sample.py sees it — and stores the features as float16 in one
 memory-mapped array, `features.npy` (row i = `index.json`'s files[i]), optionally
 with the mirrored image's features in `features_flip.npy` for augmentation.
-Work in progress lives in `*.partial` files and resumes where it stopped; the
-finished cache appears only when complete. A cache built with another backbone or
+Work in progress lives in `*.partial` files (saved every 10 s) and resumes where
+it stopped; the finished cache appears only when complete. A cache built with another backbone or
 image size is refused.
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -83,6 +84,7 @@ def extract(args):
     loader = torch.utils.data.DataLoader(todo, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=ImageListDataset.collate)
     encoder.to(memory_format=torch.channels_last)
+    saved = time.time()
     with torch.inference_mode(), tqdm(total=len(paths), initial=index['done'], desc='extracting', unit='image',
                                       file=sys.stderr) as bar:
         for indices, images, errors in loader:
@@ -94,10 +96,12 @@ def extract(args):
                 batches = [images, images.flip(3)] if args.flip else [images]
                 for store, batch in zip(stores, batches):
                     store[indices] = encoder.backbone_features(batch).cpu().numpy().astype(np.float16)
-            for store in stores:
-                store.flush()
             index['done'] += len(indices) + len(errors)
-            write_json(index, index_path + '.partial')  # only after the rows are on disk
+            if time.time() - saved > 10 or index['done'] == len(paths):  # progress is kept every 10 s
+                for store in stores:
+                    store.flush()
+                write_json(index, index_path + '.partial')  # only after the rows are on disk
+                saved = time.time()
             bar.update(len(indices) + len(errors))
     del stores
     for a in arrays:

@@ -25,11 +25,24 @@ from resize import ImageError, open_image
 IMAGE_EXTENSIONS = tuple(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
+CLASSIC_FILES = ('models/encoder-5-3000.pkl', 'models/decoder-5-3000.pkl', 'data/vocab.pkl')
+SHIPPED_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'flickr8k', name)
+                      for name in ('encoder.ckpt', 'decoder.ckpt', 'vocab.pkl'))
+
+
+def default_model_files():
+    """The classic published model if all three of its files are at their classic paths, else the shipped one."""
+    return CLASSIC_FILES if all(os.path.exists(p) for p in CLASSIC_FILES) else SHIPPED_FILES
+
+
 def add_model_args(parser):
     """The model and decoding flags shared by sample.py and evaluate.py."""
-    parser.add_argument('--encoder_path', default='models/encoder-5-3000.pkl', help='encoder checkpoint')
-    parser.add_argument('--decoder_path', default='models/decoder-5-3000.pkl', help='decoder checkpoint')
-    parser.add_argument('--vocab_path', default='data/vocab.pkl', help='vocabulary from build_vocab.py')
+    model = parser.add_argument_group(
+        'model', 'Without these flags: the classic published model if all three of its files are at their classic '
+        f'paths ({", ".join(CLASSIC_FILES)}), else the Flickr8k model shipped in models/flickr8k/')
+    model.add_argument('--encoder_path', help='encoder checkpoint')
+    model.add_argument('--decoder_path', help='decoder checkpoint')
+    model.add_argument('--vocab_path', help='vocabulary from build_vocab.py')
     sizes = parser.add_argument_group('model sizes, used only for plain state_dicts (the classic files); '
                                       'train.py checkpoints record their own')
     sizes.add_argument('--cnn', default='resnet152', choices=CNN_CHOICES)
@@ -51,6 +64,10 @@ def add_model_args(parser):
 
 def load_model(args, device):
     """Vocabulary, encoder, decoder and config from the flags of add_model_args."""
+    files = default_model_files()
+    args.encoder_path = args.encoder_path or files[0]
+    args.decoder_path = args.decoder_path or files[1]
+    args.vocab_path = args.vocab_path or files[2]
     vocab = load_vocab(args.vocab_path)
     defaults = {'cnn': args.cnn, 'embed_size': args.embed_size, 'hidden_size': args.hidden_size,
                 'num_layers': args.num_layers}

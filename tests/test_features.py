@@ -60,16 +60,29 @@ def test_extraction_resumes_and_refuses_another_backbone(tmp_path, monkeypatch, 
             raise KeyboardInterrupt
         return real(self, images)
     monkeypatch.setattr(EncoderCNN, 'backbone_features', dies_on_second_batch)
+
+    class FastClock:  # progress is saved every 10 s: make every batch take 11
+        now = 0.0
+
+        @classmethod
+        def time(cls):
+            cls.now += 11
+            return cls.now
+    monkeypatch.setattr(extract_features, 'time', FastClock)
     with pytest.raises(KeyboardInterrupt):
         extract(folder, cache)
     assert not (cache / 'index.json').exists() and not (cache / 'features.npy').exists()
-    assert json.load(open(cache / 'index.json.partial'))['done'] == 3
+    assert json.load(open(cache / 'index.json.partial'))['done'] == 3  # the first batch of 3 was kept
     with pytest.raises(SystemExit, match='no complete feature cache.*run extract_features.py again'):
         train.main(train_args(folder, tmp_path / 'm', '--features', str(cache)))
     calls.clear()
+    monkeypatch.setattr(EncoderCNN, 'backbone_features', dies_on_second_batch)
+    extract(folder, cache)  # resumes: only one more batch is needed
+    assert calls == [1]
     monkeypatch.setattr(EncoderCNN, 'backbone_features', real)
-    extract(folder, cache)
     assert json.load(open(cache / 'index.json'))['files'] == ['blue.png', 'green.png', 'red.png', 'yellow.png']
+    extract(folder, tmp_path / 'fresh')
+    assert np.array_equal(np.load(cache / 'features.npy'), np.load(tmp_path / 'fresh' / 'features.npy'))
     extract(folder, cache)
     assert 'already complete' in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"built with image_size=64 \(asked: 96\)"):

@@ -1,0 +1,32 @@
+"""Timing helpers shared by the benchmark scripts: medians of repeated runs, one printed table."""
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def median_seconds(run, repeats=3, setup=None):
+    """Median wall time of `run()` over `repeats` runs (`setup()` before each, untimed)."""
+    times = []
+    for _ in range(repeats):
+        if setup:
+            setup()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine():
+    import torch
+    return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, ' \
+           f'{torch.get_num_threads()} threads'
+
+
+def report(title, unit, baseline_name, baseline, new_name, new):
+    """Print baseline, new way and their ratio (rates: higher is better)."""
+    print(f'{title}\n  {baseline_name:<48} {baseline:10.2f} {unit}\n  {new_name:<48} {new:10.2f} {unit}\n'
+          f'  ratio {new / baseline:.2f}x')

