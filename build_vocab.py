@@ -65,21 +65,26 @@ class CaptionFileError(ValueError):
     """A caption file that cannot be used; the message names the file and the problem."""
 
 
+def read_json(path, what='caption file'):
+    """Load a JSON file; a missing, unreadable or malformed one raises CaptionFileError."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CaptionFileError(f'{path}: no such {what}') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaptionFileError(f'{path}: not valid JSON ({e})') from None
+    except OSError as e:
+        raise CaptionFileError(f'{path}: cannot read ({e.strerror})') from None
+
+
 def read_captions(path):
     """Read and check a COCO-format caption file.
 
     Returns (annotations, images): the list of {'image_id', 'caption', ...} dicts in file
     order, and a dict image id -> file name. Anything malformed raises CaptionFileError.
     """
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CaptionFileError(f'{path}: no such caption file') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaptionFileError(f'{path}: not valid JSON ({e})') from None
-    except OSError as e:
-        raise CaptionFileError(f'{path}: cannot read ({e.strerror})') from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get('annotations'), list) \
             or not isinstance(data.get('images'), list):
         raise CaptionFileError(f"{path}: not a COCO caption file (needs 'images' and 'annotations' lists)")

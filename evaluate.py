@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 
-from build_vocab import CaptionFileError, VocabularyError, read_captions, tokenize
+from build_vocab import CaptionFileError, VocabularyError, read_captions, read_json, tokenize
 from model import CheckpointError, pick_device
 from resize import ImageError
 from sample import add_model_args, caption_files, load_model
@@ -85,13 +85,7 @@ def score(references, predictions, metrics=METRICS):
 
 def read_results(path, images):
     """A COCO results file [{"image_id", "caption"}] -> {image_id: caption}, checked against `images`."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        raise CaptionFileError(f'{path}: no such results file') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaptionFileError(f'{path}: not valid JSON ({e})') from None
+    results = read_json(path, 'results file')
     if not isinstance(results, list):
         raise CaptionFileError(f'{path}: not a COCO results file (a list of {{"image_id", "caption"}})')
     predictions = {}

@@ -9,10 +9,10 @@ list images with their `split` (train, restval, val, test), `filename`, for COCO
 `cocoid` where present, else the file's `imgid`.
 """
 import argparse
-import json
 import os
 import sys
 
+from build_vocab import CaptionFileError, read_json
 from prepro_flickr8k import write_coco
 
 SPLIT_OF = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}
@@ -20,10 +20,9 @@ SPLIT_OF = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}
 
 def read_karpathy(path):
     """({split: [file_name, ...]}, {file_name: [caption, ...]}, {file_name: image id}) from a split file."""
-    with open(path, encoding='utf-8') as f:
-        data = json.load(f)
+    data = read_json(path, 'split file')
     if not isinstance(data, dict) or not isinstance(data.get('images'), list):
-        raise ValueError(f"{path}: not a Karpathy split file (needs an 'images' list)")
+        raise CaptionFileError(f"{path}: not a Karpathy split file (needs an 'images' list)")
     splits, captions, ids = {'train': [], 'val': [], 'test': []}, {}, {}
     for i, image in enumerate(data['images']):
         try:
@@ -32,7 +31,7 @@ def read_karpathy(path):
             sentences = [s['raw'].strip() for s in image['sentences']]
             ids[name] = image.get('cocoid', image.get('imgid', i))
         except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: images[{i}] lacks 'filename', a known 'split' or 'sentences' ({e})") from None
+            raise CaptionFileError(f"{path}: images[{i}] lacks 'filename', a known 'split' or 'sentences' ({e})") from None
         splits[split].append(name)
         captions[name] = sentences
     return splits, captions, ids
@@ -45,9 +44,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         splits, captions, ids = read_karpathy(args.split_file)
-    except FileNotFoundError:
-        sys.exit(f'error: {args.split_file}: no such file')
-    except (ValueError, UnicodeDecodeError) as e:
+    except CaptionFileError as e:
         sys.exit(f'error: {e}')
     os.makedirs(args.output_dir, exist_ok=True)
     for split, names in splits.items():

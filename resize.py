@@ -39,7 +39,7 @@ def _to_rgb(image):
         image = image.convert('RGBA')
         background = Image.new('RGBA', image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return image.convert('RGB')
+    return image if image.mode == 'RGB' else image.convert('RGB')
 
 
 def open_image(path, min_size=None):
@@ -57,7 +57,7 @@ def open_image(path, min_size=None):
                 if min_size:
                     image.draft('RGB', (min_size, min_size))
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)
                 return _to_rgb(image)
     except FileNotFoundError:
         raise ImageError(f'{path}: no such file') from None

@@ -2,8 +2,8 @@
 encoder against fp32, and sample.py's cold start.
 
     python bench/bench_inference.py --image_dir ../shared/data/coco/val2017
-With no model flags it times a ResNet-152 captioner with random weights (speed does not depend on
-the weights); caption agreement of bf16 with fp32 needs a trained model (--encoder_path ...).
+Speeds are measured on a ResNet-152 captioner with random weights (speed does not depend on the
+weights); the agreement of bf16 captions with fp32 ones needs a trained model (--encoder_path ...).
 """
 import argparse
 import os
@@ -57,14 +57,13 @@ def main():
         os.makedirs(folder)
         for name in names[:args.folder_images]:
             os.symlink(os.path.abspath(os.path.join(args.image_dir, name)), os.path.join(folder, name))
-        model = [args.encoder_path, args.decoder_path, args.vocab_path] if args.encoder_path \
-            else random_resnet152_model(work)
+        model = random_resnet152_model(work)
         flags = ['--encoder_path', model[0], '--decoder_path', model[1], '--vocab_path', model[2]]
         images = [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
 
         one_each = median_seconds(lambda: [sample_cli([p], flags) for p in images[:args.process_images]], 1)
         whole = median_seconds(lambda: sample_cli([folder], flags), 1)
-        report(f'captioning real photos (model: {"given" if args.encoder_path else "ResNet-152, random weights"})',
+        report('captioning real photos (ResNet-152 captioner, random weights)',
                'images/s', 'one sample.py process per image', args.process_images / one_each,
                f'sample.py on a folder of {len(images)} (batched)', len(images) / whole)
 
@@ -90,13 +89,16 @@ def main():
             rates[precision] = 8 / median_seconds(forward, 5)
         report(f'encoder ({config["cnn"]}) forward, batch 8, median of 5', 'images/s', 'fp32', rates['fp32'],
                'bf16 autocast (--precision bf16)', rates['bf16'])
-        captions = {}
-        for precision in ('fp32', 'bf16'):
-            out = sample_cli([folder], flags, '--precision', precision)
-            captions[precision] = dict(line.split('\t') for line in out.splitlines())
-        same = sum(captions['fp32'][k] == captions['bf16'][k] for k in captions['fp32'])
-        print(f'  bf16 captions identical to fp32: {same} of {len(captions["fp32"])}'
-              + ('' if args.encoder_path else ' (random weights: meaningful only with a trained model)'))
+        if args.encoder_path:
+            trained = ['--encoder_path', args.encoder_path, '--decoder_path', args.decoder_path,
+                       '--vocab_path', args.vocab_path]
+            captions = {}
+            for precision in ('fp32', 'bf16'):
+                out = sample_cli([folder], trained, '--precision', precision)
+                captions[precision] = dict(line.split('\t') for line in out.splitlines())
+            same = sum(captions['fp32'][k] == captions['bf16'][k] for k in captions['fp32'])
+            print(f'  trained model {args.decoder_path}: bf16 captions identical to fp32 on '
+                  f'{same} of {len(captions["fp32"])} photos')
 
 
 if __name__ == '__main__':
