@@ -10,7 +10,7 @@ set -euo pipefail
 DATA_DIR=${1:?usage: bash train_flickr8k.sh DATA_DIR}
 WORK=${WORK_DIR:-data/flickr8k_work}
 OUT=${OUTPUT_DIR:-models/flickr8k}
-EPOCHS=${EPOCHS:-12}
+EPOCHS=${EPOCHS:-9}
 cd "$(dirname "$0")"
 start=$SECONDS
 step() { echo; echo "== [$(( (SECONDS - start) / 60 )) min] $*"; }
@@ -29,7 +29,7 @@ python train.py --cnn efficientnet-lite0 --features "$WORK/features" --caption_p
     --num_workers 0 --log_step 50 --save_step 100000 --seed 1 --resume latest
 step "5/6 export the best epoch (by dev CIDEr) as float16 with its decode settings"
 python export_model.py --encoder_path "$WORK/models/encoder-best.ckpt" --decoder_path "$WORK/models/decoder-best.ckpt" \
-    --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" --beam_size 3 --length_penalty 0
+    --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" --beam_size 3 --length_penalty 1.0
 step "6/6 dev-split scores of the exported model, greedy and beam 3"
 for beam in 1 3; do
     python evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \
