@@ -145,14 +145,13 @@ class DecoderRNN(nn.Module):
         finished = tokens == end_id
         lengths = torch.ones_like(scores)
         offsets = (torch.arange(B, device=features.device) * K).unsqueeze(1)
+        done_row = torch.full_like(log_probs[0], float('-inf'))  # a finished beam's one continuation,
+        done_row[end_id] = 0.0  # <end>, at no cost
         for _ in range(steps - 1):
             if finished.all():
                 break
             hiddens, states = self.lstm(self.embed(tokens.reshape(-1)).unsqueeze(1), states)
             log_probs = self.linear(hiddens.squeeze(1)).log_softmax(-1).view(B, K, vocab_size)
-            # A finished beam has one continuation, <end>, at no cost.
-            done_row = torch.full_like(log_probs[0, 0], float('-inf'))
-            done_row[end_id] = 0.0
             log_probs = torch.where(finished.unsqueeze(2), done_row, log_probs)
             scores, flat = (scores.unsqueeze(2) + log_probs).view(B, -1).topk(K, dim=1)
             parent, tokens = flat // vocab_size, flat % vocab_size

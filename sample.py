@@ -81,14 +81,18 @@ def load_model(args, device):
     return vocab, encoder, decoder, config
 
 
-def autocast(device, precision):
-    """bfloat16 autocast for the encoder where the hardware runs it natively; else nothing."""
-    if precision != 'bf16':
-        return contextlib.nullcontext()
-    if device.type == 'cpu' and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+def supported_precision(device, precision):
+    """`precision`, or fp32 (with a warning) on a CPU that has no native bfloat16."""
+    if precision == 'bf16' and device.type == 'cpu' and \
+            not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         print('warning: this CPU has no native bfloat16; using fp32', file=sys.stderr)
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+        return 'fp32'
+    return precision
+
+
+def autocast(device, precision):
+    """bfloat16 autocast for the encoder with --precision bf16; else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == 'bf16' else contextlib.nullcontext()
 
 
 @torch.inference_mode()
@@ -109,6 +113,7 @@ def caption_files(paths, vocab, encoder, decoder, config, device, batch_size=16,
 
     A DataLoader reads and transforms the next images while the current batch is captioned.
     """
+    precision = supported_precision(device, precision)
     dataset = ImageListDataset(paths, eval_transform(config['image_size'], config['mean'], config['std']))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=ImageListDataset.collate, pin_memory=device.type == 'cuda')

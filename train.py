@@ -199,8 +199,12 @@ class Captioner(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
 
+    def encode(self, inputs, from_features=False):
+        """Image embeddings from images, or from cached backbone features."""
+        return self.encoder.project(inputs) if from_features else self.encoder(inputs)
+
     def forward(self, inputs, captions, lengths, owners=None, from_features=False):
-        features = self.encoder.project(inputs) if from_features else self.encoder(inputs)
+        features = self.encode(inputs, from_features)
         if owners is not None:  # several captions per image: each caption takes its image's row
             features = features[owners]
         return self.decoder(features, captions, lengths)
@@ -260,7 +264,7 @@ def validate(model, val_set, vocab, args, device, from_features):
                                                    collate_fn=FirstImages.collate):
         if ids:
             inputs = inputs.to(device)
-            features = model.encoder.project(inputs) if from_features else model.encoder(inputs)
+            features = model.encode(inputs, from_features)
             for image_id, row in zip(ids, model.decoder.sample(features).cpu()):
                 predictions[image_id] = ids_to_caption(vocab, row)
     references = {}
@@ -282,8 +286,9 @@ def train(args):
         torch.backends.cudnn.benchmark = True
     vocab = load_vocab(args.vocab_path)
     for cache in {args.features, args.val_features} - {None}:  # before the backbone is built (or downloaded)
-        if read_feature_index(cache)['cnn'] != args.cnn:
-            raise FeatureCacheError(f"{cache}: cached with --cnn {read_feature_index(cache)['cnn']}, not {args.cnn}")
+        cached_cnn = read_feature_index(cache)['cnn']
+        if cached_cnn != args.cnn:
+            raise FeatureCacheError(f'{cache}: cached with --cnn {cached_cnn}, not {args.cnn}')
     encoder = EncoderCNN(args.embed_size, args.cnn)
     decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers, dropout=args.dropout)
     train_set, val_set, image_size = datasets(args, vocab, encoder)
