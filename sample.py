@@ -7,7 +7,6 @@ published plain state_dicts (read with the size flags). Nothing is downloaded, a
 files are loaded safely (weights and words only, never code).
 """
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -58,7 +57,8 @@ def add_model_args(parser):
     parser.add_argument('--batch_size', type=int, default=16, help='images per batch')
     parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
     parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
-                        help='bf16: the encoder under bfloat16 autocast (faster, captions may differ slightly)')
+                        help='bf16: the encoder (but its first layers) under bfloat16 autocast '
+                             '(faster, a few captions differ)')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")
 
 
@@ -90,18 +90,11 @@ def supported_precision(device, precision):
     return precision
 
 
-def autocast(device, precision):
-    """bfloat16 autocast for the encoder with --precision bf16; else nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == 'bf16' else contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def caption_batch(images, vocab, encoder, decoder, config, device, precision='fp32'):
     """Captions for a batch of normalised image tensors (B, 3, H, W)."""
     images = images.to(device, memory_format=torch.channels_last)
-    with autocast(device, precision):
-        features = encoder.backbone_features(images)
-    features = encoder.project(features.float())
+    features = encoder.project(encoder.backbone_features(images, bf16=precision == 'bf16'))
     ids = decoder.beam_search(features, config.get('beam_size', 1), vocab('<end>'), config.get('max_length', 20),
                               config.get('length_penalty', 0.0))
     return [ids_to_caption(vocab, row) for row in ids.cpu()]

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from build_vocab import CaptionFileError, VocabularyError, ids_to_caption, load_vocab
 from data_loader import (CocoDataset, FeatureCacheError, FeatureDataset, FirstImages, GroupedDataset, collate_fn,
                          eval_transform, get_loader, read_feature_index, train_transform)
-from model import (CNN_CHOICES, CheckpointError, DecoderRNN, EncoderCNN, WeightsError, encoder_state,
+from model import (CNN_CHOICES, CheckpointError, EncoderCNN, WeightsError, build_decoder, encoder_state,
                    load_checkpoint, pick_device, save_checkpoint)
 
 CHECKPOINT_NAME = re.compile(r'decoder-(\d+)-(\d+)\.ckpt$')
@@ -51,7 +51,10 @@ def parse_args(argv=None):
     parser.add_argument('--cnn', default='resnet152', choices=CNN_CHOICES, help='pretrained backbone')
     parser.add_argument('--embed_size', type=int, default=256, help='word and image embedding size')
     parser.add_argument('--hidden_size', type=int, default=512, help='LSTM hidden size')
-    parser.add_argument('--num_layers', type=int, default=1, help='LSTM layers')
+    parser.add_argument('--num_layers', type=int, default=1, help='LSTM layers (lstm decoder only)')
+    parser.add_argument('--decoder', default='lstm', choices=('lstm', 'attention'),
+                        help="lstm: the classic Show-and-Tell decoder; attention: Show, Attend and Tell's soft "
+                             "attention over the backbone's feature map (needs an extract_features.py --spatial cache)")
     parser.add_argument('--num_epochs', type=int, default=5)
     parser.add_argument('--batch_size', type=int, default=128, help='captions per batch (per process)')
     parser.add_argument('--num_workers', type=int, default=2, help='data loading processes')
@@ -78,7 +81,10 @@ def parse_args(argv=None):
     val.add_argument('--val_image_dir', default='data/val2014', help='validation images')
     val.add_argument('--val_features', help='validation feature cache (default: --features)')
     val.add_argument('--val_images', type=int, default=500, help='images captioned for BLEU-4 and CIDEr')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.decoder == 'attention' and args.num_layers != 1:
+        parser.error('--decoder attention has one LSTM layer: leave out --num_layers')
+    return args
 
 
 def checkpoint_pair(path):
@@ -118,7 +124,7 @@ def prune_checkpoints(model_path, keep_last):
 
 def model_config(args, vocab_size, encoder, image_size):
     """What sample.py needs to rebuild the model and read images the way it was trained."""
-    return {'cnn': args.cnn, 'embed_size': args.embed_size, 'hidden_size': args.hidden_size,
+    return {'cnn': args.cnn, 'decoder': args.decoder, 'embed_size': args.embed_size, 'hidden_size': args.hidden_size,
             'num_layers': args.num_layers, 'vocab_size': vocab_size, 'image_size': image_size,
             'mean': list(encoder.mean), 'std': list(encoder.std)}
 
@@ -285,12 +291,16 @@ def train(args):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     vocab = load_vocab(args.vocab_path)
+    attention = args.decoder == 'attention'
     for cache in {args.features, args.val_features} - {None}:  # before the backbone is built (or downloaded)
-        cached_cnn = read_feature_index(cache)['cnn']
-        if cached_cnn != args.cnn:
-            raise FeatureCacheError(f'{cache}: cached with --cnn {cached_cnn}, not {args.cnn}')
-    encoder = EncoderCNN(args.embed_size, args.cnn)
-    decoder = DecoderRNN(args.embed_size, args.hidden_size, len(vocab), args.num_layers, dropout=args.dropout)
+        index = read_feature_index(cache)
+        if index['cnn'] != args.cnn:
+            raise FeatureCacheError(f'{cache}: cached with --cnn {index["cnn"]}, not {args.cnn}')
+        if index.get('spatial', False) != attention:
+            raise FeatureCacheError(f'{cache}: --decoder {args.decoder} needs a cache built ' +
+                                    ('with' if attention else 'without') + ' extract_features.py --spatial')
+    encoder = EncoderCNN(args.embed_size, args.cnn, spatial=attention)
+    decoder = build_decoder(vars(args), len(vocab), dropout=args.dropout)
     train_set, val_set, image_size = datasets(args, vocab, encoder)
     config = model_config(args, len(vocab), encoder, image_size)
     model = Captioner(encoder, decoder).to(device)
@@ -416,8 +426,9 @@ def resume(args, config, encoder, decoder, optimizer, log_path, main_process=Tru
     enc, dec = load_checkpoint(encoder_path), load_checkpoint(decoder_path)
     if not isinstance(dec, dict) or 'train_state' not in dec or not isinstance(enc, dict) or 'model' not in enc:
         raise CheckpointError(f'{decoder_path}: not a train.py checkpoint (no training state to resume)')
-    if dec['config'] != config:
-        changed = {k: (dec['config'].get(k), v) for k, v in config.items() if dec['config'].get(k) != v}
+    saved = {'decoder': 'lstm', **dec['config']}  # checkpoints from before --decoder were all lstm
+    if saved != config:
+        changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
         raise CheckpointError(f'{decoder_path}: was trained with other settings (saved, now): {changed}')
     encoder.load_state_dict(enc['model'], strict=False)
     decoder.load_state_dict(dec['model'])

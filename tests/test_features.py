@@ -14,7 +14,7 @@ import train
 from build_vocab import load_vocab
 from conftest import ROOT
 from data_loader import CocoDataset, GroupedDataset, collate_grouped, eval_transform
-from model import EncoderCNN, load_captioner
+from model import AttentionDecoder, EncoderCNN, load_captioner
 from odd_images import write_broken_images
 from test_train import make_scenes, train_args
 
@@ -108,6 +108,39 @@ def test_training_from_the_cache_learns_and_its_checkpoints_caption_images(tmp_p
                         'a yellow taxi on the road']
     with pytest.raises(SystemExit, match='cached with --cnn efficientnet-lite0, not resnet18'):
         train.main(train_args(folder, models, '--features', str(tmp_path / 'cache'), '--cnn', 'resnet18'))
+
+
+def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_path):
+    folder = make_scenes(tmp_path)
+    cache = tmp_path / 'cache'
+    extract(folder, cache, '--flip', '--spatial')
+    features = np.load(cache / 'features.npy')
+    assert features.shape == (4, 4, 1280)  # 64x64 images: a 2x2 feature map
+    encoder = EncoderCNN(8, 'efficientnet-lite0', spatial=True).eval()
+    from resize import open_image
+    image = eval_transform(64, encoder.mean, encoder.std)(open_image(str(folder / 'images' / 'red.png')))[None]
+    assert np.allclose(features[2], encoder.backbone_features(image)[0].numpy(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(SystemExit, match='--decoder lstm needs a cache built without extract_features.py --spatial'):
+        train.main(train_args(folder, tmp_path / 'lstm', '--features', str(cache)))
+
+    models = tmp_path / 'models'
+    assert train.main(train_args(folder, models, '--decoder', 'attention', '--features', str(cache),
+                                 '--num_epochs', '60', '--learning_rate', '0.01', '--log_step', '2')) == 0
+    vocab = load_vocab(str(folder / 'vocab.pkl'))
+    encoder, decoder, config = load_captioner(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
+                                              len(vocab), {}, 'cpu')
+    assert config['decoder'] == 'attention' and isinstance(decoder, AttentionDecoder) and encoder.spatial
+    paths = [str(folder / 'images' / name) for name in ('red.png', 'blue.png', 'green.png', 'yellow.png')]
+    for beam_size in (1, 3):
+        captions = [c for _, c in sample.caption_files(paths, vocab, encoder, decoder, dict(config, beam_size=beam_size),
+                                                       torch.device('cpu'))]
+        assert captions == ['a red square on a white wall', 'two blue birds in the sky', 'a green field with a tree',
+                            'a yellow taxi on the road']
+    # End to end from the images, the same model trains and its checkpoints load the same way.
+    assert train.main(train_args(folder, tmp_path / 'images', '--decoder', 'attention', '--num_epochs', '1')) == 0
+    _, decoder, config = load_captioner(str(tmp_path / 'images' / 'encoder-1-2.ckpt'),
+                                        str(tmp_path / 'images' / 'decoder-1-2.ckpt'), len(vocab), {}, 'cpu')
+    assert config['decoder'] == 'attention' and isinstance(decoder, AttentionDecoder)
 
 
 def test_captions_grouped_per_image(coco_sample):

