@@ -158,8 +158,9 @@ class CaptionDecoder(nn.Module):
             scores = F.pad(scores, (0, K - vocab_size), value=float('-inf'))
             tokens = F.pad(tokens, (0, K - vocab_size), value=end_id)
         history = tokens.unsqueeze(2)  # (B, K, t)
-        offsets = (torch.arange(B, device=features.device) * K).unsqueeze(1)
-        state = self.select(state, (offsets // K).expand(B, K).reshape(-1))  # rows ordered image-major
+        images = torch.arange(B, device=features.device)
+        state = self.select(state, images.repeat_interleave(K))  # rows ordered image-major
+        offsets = (images * K).unsqueeze(1)
         finished = tokens == end_id
         lengths = torch.ones_like(scores)
         done_row = torch.full_like(log_probs[0], float('-inf'))  # a finished beam's one continuation,
@@ -177,7 +178,7 @@ class CaptionDecoder(nn.Module):
             state = self.select(state, (parent + offsets).reshape(-1))
             finished = finished | (tokens == end_id)
         best = (scores / lengths ** length_penalty).argmax(1)
-        return history[torch.arange(B, device=features.device), best]
+        return history[images, best]
 
 
 class DecoderRNN(CaptionDecoder):
