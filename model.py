@@ -247,29 +247,30 @@ class AttentionDecoder(CaptionDecoder):
         h, c, features, keys = state
         weights = self.attend_score(torch.tanh(keys + self.attend_hidden(h).unsqueeze(1))).softmax(1)  # (B, L, 1)
         context = torch.sigmoid(self.gate(h)) * (weights * features).sum(1)
-        h, c = self.lstm(torch.cat((self.dropout(inputs), context), 1), (h, c))
-        return self.linear(self.dropout(h)), (h, c, features, keys)
+        h, c = self.lstm(torch.cat((inputs, context), 1), (h, c))
+        return h, (h, c, features, keys)
 
     def forward(self, features, captions, lengths):
         """Scores for [<start>, w1 .. wn, <end>], in pack_padded_sequence's (time-major) order.
 
         Batches come sorted by length, so at step t the captions still running are the first rows.
+        Only the recurrence runs step by step; dropout and the output layer run once on all steps.
         """
-        inputs = torch.cat((features.mean(1, keepdim=True), self.embed(captions)), 1)
-        state, scores = self.initial_state(features), []
+        inputs = self.dropout(torch.cat((features.mean(1, keepdim=True), self.embed(captions)), 1))
+        state, hiddens = self.initial_state(features), []
         for t in range(max(lengths)):
             running = sum(1 for n in lengths if n > t)
-            out, state = self.advance(inputs[:running, t], self.select(state, slice(running)))
-            scores.append(out)
-        return torch.cat(scores)
+            h, state = self.advance(inputs[:running, t], self.select(state, slice(running)))
+            hiddens.append(h)
+        return self.linear(self.dropout(torch.cat(hiddens)))
 
     def start(self, features):
-        out, state = self.advance(features.mean(1), self.initial_state(features))
-        return out.log_softmax(-1), state
+        h, state = self.advance(features.mean(1), self.initial_state(features))
+        return self.linear(h).log_softmax(-1), state
 
     def step(self, words, state):
-        out, state = self.advance(self.embed(words), state)
-        return out.log_softmax(-1), state
+        h, state = self.advance(self.embed(words), state)
+        return self.linear(h).log_softmax(-1), state
 
     @staticmethod
     def select(state, rows):

@@ -74,8 +74,8 @@ def parse_args(argv=None):
     speed = parser.add_argument_group('speed')
     speed.add_argument('--features', help='train from this feature cache (extract_features.py) instead of images')
     speed.add_argument('--captions_per_image', type=int, default=1,
-                       help='without a cache: batch k captions of an image so one backbone forward serves them '
-                            '(1 = classic: one sample per caption)')
+                       help='batch k captions of an image so one backbone forward (or, from a cache, one '
+                            'projection) serves them (1 = classic: one sample per caption)')
     val = parser.add_argument_group('validation')
     val.add_argument('--val_caption_path', help='COCO-format validation captions (none: no validation)')
     val.add_argument('--val_image_dir', default='data/val2014', help='validation images')
@@ -234,8 +234,8 @@ def datasets(args, vocab, encoder):
         train_set = CocoDataset(args.image_dir, args.caption_path, vocab,
                                 train_transform(args.crop_size, encoder.mean, encoder.std))
         image_size = args.crop_size
-        if args.captions_per_image > 1:
-            train_set = GroupedDataset(train_set, args.captions_per_image)
+    if args.captions_per_image > 1:
+        train_set = GroupedDataset(train_set, args.captions_per_image)
     if len(train_set) == 0:
         raise CaptionFileError(f'{args.caption_path}: no caption has its image in {args.features or args.image_dir}')
     val_set = None

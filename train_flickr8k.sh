@@ -20,14 +20,16 @@ step "1/6 COCO-format caption files"
 python prepro_flickr8k.py --data_dir "$DATA_DIR" --output_dir "$WORK"
 step "2/6 vocabulary (words seen at least 5 times in the training captions)"
 python build_vocab.py --caption_path "$WORK/captions_train.json" --vocab_path "$WORK/vocab.pkl" --threshold 5
-step "3/6 efficientnet-lite0 7x7 feature maps of every train and dev photo, and of its mirror image"
+step "3/6 efficientnet-lite0 7x7 feature maps of every train photo and its mirror image, and of every dev photo"
 python extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_train.json" \
-    "$WORK/captions_dev.json" --output_dir "$WORK/features" --cnn efficientnet-lite0 --image_size 224 --flip \
-    --spatial
+    --output_dir "$WORK/features_train" --cnn efficientnet-lite0 --image_size 224 --flip --spatial
+python extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_dev.json" \
+    --output_dir "$WORK/features_dev" --cnn efficientnet-lite0 --image_size 224 --spatial
 step "4/6 training the attention decoder, validated on the dev split after every epoch"
-python train.py --cnn efficientnet-lite0 --decoder attention --embed_size 512 --features "$WORK/features" --caption_path "$WORK/captions_train.json" \
+python train.py --cnn efficientnet-lite0 --decoder attention --embed_size 512 --features "$WORK/features_train" \
+    --caption_path "$WORK/captions_train.json" --val_features "$WORK/features_dev" \
     --val_caption_path "$WORK/captions_dev.json" --val_images 1000 --vocab_path "$WORK/vocab.pkl" \
-    --model_path "$WORK/models" --num_epochs "$EPOCHS" --dropout 0.5 --lr_decay_every 4 --lr_decay 0.5 \
+    --model_path "$WORK/models" --num_epochs "$EPOCHS" --dropout 0.5 --lr_decay_every 3 --lr_decay 0.5 \
     --num_workers 0 --log_step 50 --save_step 100000 --seed 1 --resume latest
 step "5/6 export the best epoch (by dev CIDEr) as float16 with its decode settings"
 python export_model.py --encoder_path "$WORK/models/encoder-best.ckpt" --decoder_path "$WORK/models/decoder-best.ckpt" \

@@ -110,7 +110,7 @@ def test_training_from_the_cache_learns_and_its_checkpoints_caption_images(tmp_p
         train.main(train_args(folder, models, '--features', str(tmp_path / 'cache'), '--cnn', 'resnet18'))
 
 
-def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_path):
+def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_path, monkeypatch):
     folder = make_scenes(tmp_path)
     cache = tmp_path / 'cache'
     extract(folder, cache, '--flip', '--spatial')
@@ -124,8 +124,14 @@ def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_p
         train.main(train_args(folder, tmp_path / 'lstm', '--features', str(cache)))
 
     models = tmp_path / 'models'
+    projected = []  # cached rows projected: with --captions_per_image 2, once per image (4), not per caption (8)
+    real = EncoderCNN.project
+    monkeypatch.setattr(EncoderCNN, 'project', lambda self, x: projected.append(len(x)) or real(self, x))
     assert train.main(train_args(folder, models, '--decoder', 'attention', '--features', str(cache),
-                                 '--num_epochs', '60', '--learning_rate', '0.01', '--log_step', '2')) == 0
+                                 '--captions_per_image', '2', '--num_epochs', '60', '--learning_rate', '0.01',
+                                 '--log_step', '2')) == 0
+    assert sum(projected) == 60 * 4
+    monkeypatch.undo()
     vocab = load_vocab(str(folder / 'vocab.pkl'))
     encoder, decoder, config = load_captioner(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
                                               len(vocab), {}, 'cpu')
