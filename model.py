@@ -102,13 +102,13 @@ class EncoderCNN(nn.Module):
         """Pooled features (B, C), or with `spatial` the last feature map's locations (B, h*w, C).
 
         With `bf16` the backbone runs under bfloat16 autocast, except its high-resolution first
-        layers (ResNet's stem and layer1; Lite0's stem and first two blocks): rounding there
-        changed the most captions, and costs little to avoid (README, "Speed").
+        layers (ResNet's stem, conv1 to maxpool; Lite0's stem and first two blocks): rounding
+        there changed the most captions, and costs little to avoid (README, "Speed").
         """
         if isinstance(self.resnet, EfficientNetLite0):
             stem, body = self.resnet.stem, self.resnet.body
         else:
-            stem, body = self.resnet[:5], self.resnet[5:-1]
+            stem, body = self.resnet[:4], self.resnet[4:-1]
         with torch.no_grad():
             x = stem(images)
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):

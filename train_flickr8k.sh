@@ -33,7 +33,7 @@ python train.py --cnn efficientnet-lite0 --decoder attention --embed_size 512 --
     --num_workers 0 --log_step 50 --save_step 100000 --seed 1 --resume latest
 step "5/6 export the best epoch (by dev CIDEr) as float16 with its decode settings"
 python export_model.py --encoder_path "$WORK/models/encoder-best.ckpt" --decoder_path "$WORK/models/decoder-best.ckpt" \
-    --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" --beam_size 3 --length_penalty 0
+    --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" --beam_size 3 --length_penalty 1
 step "6/6 dev-split scores of the exported model, greedy and beam 3"
 for beam in 1 3; do
     python evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \

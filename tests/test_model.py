@@ -56,7 +56,7 @@ def test_efficientnet_lite0_loads_offline_weights_from_its_wheel():
     assert encoder.backbone_features(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
 
 
-@pytest.mark.parametrize('cnn, last_fp32, first_bf16', [('resnet18', 'resnet.4', 'resnet.5'),
+@pytest.mark.parametrize('cnn, last_fp32, first_bf16', [('resnet18', 'resnet.3', 'resnet.4.0.conv1'),
                                                          ('efficientnet-lite0', 'resnet.net._blocks.1',
                                                           'resnet.net._blocks.2._expand_conv')])
 def test_bf16_keeps_the_high_resolution_first_layers_in_fp32(cnn, last_fp32, first_bf16):
