@@ -4,7 +4,7 @@
 #
 #   bash train_flickr8k.sh DATA_DIR      # DATA_DIR holds Flickr8k.token.txt, the split lists and Images/
 #
-# Seeded; 31 minutes on 2 quiet CPU cores here (features 6, training 23, export and scoring 2).
+# Seeded; 29 minutes on 2 quiet CPU cores here (features 6, training 21, export and scoring 2).
 # Intermediate files go to WORK_DIR (default data/flickr8k_work); the model is written to OUTPUT_DIR
 # (default models/flickr8k); both relative to the repo.
 set -euo pipefail

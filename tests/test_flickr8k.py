@@ -29,7 +29,7 @@ def test_shipped_model_is_small_and_records_its_decoding():
     decoder = torch.load(os.path.join(SHIPPED, 'decoder.ckpt'), weights_only=True)
     config = decoder['config']
     assert config['cnn'] == 'efficientnet-lite0' and config['decoder'] == 'attention'
-    assert config['beam_size'] == 3 and config['length_penalty'] == 0
+    assert config['beam_size'] == 3 and config['length_penalty'] == 1
     assert all(v.dtype == torch.float16 for v in decoder['model'].values() if v.is_floating_point())
     assert 'train_state' not in decoder
     encoder = torch.load(os.path.join(SHIPPED, 'encoder.ckpt'), weights_only=True)
