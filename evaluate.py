@@ -102,7 +102,7 @@ def read_results(path, images):
 
 
 def caption_split(images, image_dir, vocab, encoder, decoder, config, device, batch_size=16, num_workers=2,
-                  precision='fp32', progress=True):
+                  progress=True):
     """Caption every image of {image_id: file_name} found in image_dir; returns {image_id: caption}."""
     present = {i: os.path.join(image_dir, name) for i, name in images.items()
                if os.path.isfile(os.path.join(image_dir, name))}
@@ -112,7 +112,7 @@ def caption_split(images, image_dir, vocab, encoder, decoder, config, device, ba
     by_path = {path: i for i, path in present.items()}
     predictions = {}
     for path, caption in caption_files(list(present.values()), vocab, encoder, decoder, config, device,
-                                       batch_size, num_workers, precision, progress):
+                                       batch_size, num_workers, progress):
         if isinstance(caption, ImageError):
             print(f'warning: skipped {caption}', file=sys.stderr)
         else:
@@ -145,7 +145,7 @@ def main(argv=None):
             device = pick_device(args.device)
             vocab, encoder, decoder, config = load_model(args, device)
             predictions = caption_split(images, args.image_dir, vocab, encoder, decoder, config, device,
-                                        args.batch_size, args.num_workers, args.precision)
+                                        args.batch_size, args.num_workers)
             with open(args.output, 'w') as f:
                 json.dump([{'image_id': i, 'caption': c} for i, c in predictions.items()], f)
     except (CaptionFileError, VocabularyError, CheckpointError) as e:

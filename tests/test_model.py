@@ -1,3 +1,4 @@
+import copy
 import os
 import pickle
 import subprocess
@@ -14,7 +15,7 @@ import model
 import sample
 from data_loader import eval_transform
 from build_vocab import Vocabulary
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, shared_path
 from model import AttentionDecoder, CheckpointError, DecoderRNN, EncoderCNN, load_captioner, load_checkpoint
 
 
@@ -68,9 +69,37 @@ def test_bf16_keeps_the_high_resolution_first_layers_in_fp32(cnn, last_fp32, fir
     images = torch.randn(2, 3, 96, 96)
     exact = encoder.backbone_features(images)
     assert dtypes == {last_fp32: torch.float32, first_bf16: torch.float32}
-    fast = encoder.backbone_features(images, bf16=True)
+    encoder.use_bf16()
+    fast = encoder.backbone_features(images)
     assert dtypes == {last_fp32: torch.float32, first_bf16: torch.bfloat16}
     assert fast.dtype == torch.float32 and torch.nn.functional.cosine_similarity(fast, exact).min() > 0.98
+
+
+def test_relu_mean_matches_sampling():
+    mean, std = torch.tensor([-1.0, 0.0, 0.5, 3.0, 7.0]), torch.tensor([0.5, 1.0, 2.0, 4.0, 1.0])
+    z = mean + std * torch.randn(400_000, 1, generator=torch.Generator().manual_seed(0))
+    for cap in (None, 6):
+        sampled = (z.clamp(0, cap) if cap else z.clamp(min=0)).mean(0)
+        assert torch.allclose(model.relu_mean(mean, std, cap), sampled, atol=0.02)
+
+
+def test_bf16_bias_correction_brings_features_closer_to_fp32():
+    """On real photos, Lite0's bf16 feature maps with the BatchNorm means shifted (use_bf16) are
+    nearer the fp32 ones than plain autocast's; fp32 stays untouched until use_bf16 is called."""
+    folder = shared_path('data', 'coco', 'val2017')
+    names = sorted(os.listdir(folder))[:16]
+    encoder = EncoderCNN(8, 'efficientnet-lite0', spatial=True).eval()
+    transform = eval_transform(224, encoder.mean, encoder.std)
+    images = torch.stack([transform(Image.open(os.path.join(folder, n)).convert('RGB')) for n in names])
+    exact = encoder.backbone_features(images)
+    plain = copy.deepcopy(encoder)
+    plain.bf16 = True  # autocast alone
+    corrected = copy.deepcopy(encoder)
+    corrected.use_bf16()
+    assert torch.equal(encoder.backbone_features(images), exact)
+    error = {name: ((e.backbone_features(images) - exact).norm() / exact.norm()).item()
+             for name, e in (('plain', plain), ('corrected', corrected))}
+    assert 0 < error['corrected'] < 0.9 * error['plain'], error
 
 
 def test_pretrained_resnet_without_network_says_what_to_do(monkeypatch, tmp_path):
