@@ -3,7 +3,7 @@ encoder against fp32, and sample.py's cold start.
 
     python bench/bench_inference.py --image_dir ../shared/data/coco/val2017
 Speeds are measured on a ResNet-152 captioner with random weights (speed does not depend on the
-weights); the agreement of bf16 captions with fp32 ones needs a trained model (--encoder_path ...).
+weights); bench_bf16_agreement.py counts the captions bf16 changes, with a trained model.
 """
 import argparse
 import os
@@ -46,9 +46,6 @@ def main():
     parser.add_argument('--image_dir', default='../shared/data/coco/val2017')
     parser.add_argument('--folder_images', type=int, default=32, help='images captioned as a folder')
     parser.add_argument('--process_images', type=int, default=4, help='images captioned one process each')
-    parser.add_argument('--encoder_path')
-    parser.add_argument('--decoder_path')
-    parser.add_argument('--vocab_path')
     args = parser.parse_args()
     print(machine())
     names = sorted(n for n in os.listdir(args.image_dir) if n.lower().endswith('.jpg'))
@@ -80,10 +77,10 @@ def main():
         sample.add_model_args(model_parser)
         _, encoder, _, config = sample.load_model(model_parser.parse_args(flags + ['--device', 'cpu']), device)
         batch = torch.randn(8, 3, config['image_size'], config['image_size']).to(memory_format=torch.channels_last)
-        rates = {}
         def forward():
             with torch.inference_mode():
                 encoder.backbone_features(batch)
+        rates = {}
         for precision in ('fp32', 'bf16'):
             if precision == 'bf16':
                 encoder.use_bf16()
@@ -91,16 +88,6 @@ def main():
             rates[precision] = 8 / median_seconds(forward, 5)
         report(f'encoder ({config["cnn"]}) forward, batch 8, median of 5', 'images/s', 'fp32', rates['fp32'],
                'bf16 (--precision bf16)', rates['bf16'])
-        if args.encoder_path:
-            trained = ['--encoder_path', args.encoder_path, '--decoder_path', args.decoder_path,
-                       '--vocab_path', args.vocab_path]
-            captions = {}
-            for precision in ('fp32', 'bf16'):
-                out = sample_cli([folder], trained, '--precision', precision)
-                captions[precision] = dict(line.split('\t') for line in out.splitlines())
-            same = sum(captions['fp32'][k] == captions['bf16'][k] for k in captions['fp32'])
-            print(f'  trained model {args.decoder_path}: bf16 captions identical to fp32 on '
-                  f'{same} of {len(captions["fp32"])} photos')
 
 
 if __name__ == '__main__':

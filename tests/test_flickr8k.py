@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
 import torch
 
 import export_model

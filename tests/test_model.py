@@ -15,7 +15,7 @@ import model
 import sample
 from data_loader import eval_transform
 from build_vocab import Vocabulary
-from conftest import ROOT, run_script, shared_path
+from conftest import ROOT, shared_path
 from model import AttentionDecoder, CheckpointError, DecoderRNN, EncoderCNN, load_captioner, load_checkpoint
 
 
