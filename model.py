@@ -132,8 +132,11 @@ class EncoderCNN(nn.Module):
         costs little to avoid. Rounding a convolution's weights to bfloat16 also shifts the mean of
         its outputs; where its input is ReLU(BatchNorm(...)), that input's mean follows from the
         BatchNorm's beta and gamma, so the shift is known and the next BatchNorm takes it off (the
-        data-free bias correction of Nagel et al., 2019). README, "Speed", has the figures.
+        data-free bias correction of Nagel et al., 2019). README, "Speed", has the figures. As it
+        changes BatchNorm statistics, an encoder switched to bf16 is not one to train or save.
         """
+        if self.bf16:
+            return
         with torch.no_grad():
             for before, cap, conv, after in activated_convs(self.split_backbone()[1]):
                 mean_in = relu_mean(before.bias, before.weight.abs().clamp_min(1e-6), cap).view(1, -1, 1, 1)

@@ -96,6 +96,9 @@ def test_bf16_bias_correction_brings_features_closer_to_fp32():
     plain.bf16 = True  # autocast alone
     corrected = copy.deepcopy(encoder)
     corrected.use_bf16()
+    shifted = corrected.state_dict()
+    corrected.use_bf16()  # a second call changes nothing
+    assert all(torch.equal(v, corrected.state_dict()[k]) for k, v in shifted.items())
     assert torch.equal(encoder.backbone_features(images), exact)
     error = {name: ((e.backbone_features(images) - exact).norm() / exact.norm()).item()
              for name, e in (('plain', plain), ('corrected', corrected))}
