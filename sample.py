@@ -83,11 +83,18 @@ def load_model(args, device):
     return vocab, encoder, decoder, config
 
 
+def native_bf16(device):
+    """Whether `device` computes in bfloat16 natively: a CPU with AVX-512 bf16 or AMX, or a CUDA GPU
+    with bf16 (Ampere and later)."""
+    if device.type == 'cpu':
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return device.type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def supported_precision(device, precision):
-    """`precision`, or fp32 (with a warning) on a CPU that has no native bfloat16."""
-    if precision == 'bf16' and device.type == 'cpu' and \
-            not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        print('warning: this CPU has no native bfloat16; using fp32', file=sys.stderr)
+    """`precision`, or fp32 (with a warning) where bfloat16 is not native."""
+    if precision == 'bf16' and not native_bf16(device):
+        print(f'warning: no native bfloat16 on this {device.type} device; using fp32', file=sys.stderr)
         return 'fp32'
     return precision
 

@@ -29,7 +29,7 @@ def main():
     with open(image_list) as f:
         paths = [os.path.join(args.image_dir, line.strip()) for line in f if line.strip()][:args.images]
     device = torch.device('cpu')
-    if sample.supported_precision(device, 'bf16') != 'bf16':
+    if not sample.native_bf16(device):
         raise SystemExit('this CPU has no native bfloat16: nothing to compare')
     vocab = load_vocab(os.path.join(args.model_dir, 'vocab.pkl'))
     encoder, decoder, config = load_captioner(os.path.join(args.model_dir, 'encoder.ckpt'),

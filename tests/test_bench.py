@@ -2,13 +2,14 @@
 import re
 
 import pytest
+import torch
 
+import sample
 from conftest import run_script, shared_path
 
 
 def test_bf16_agreement_bench_counts_identical_captions():
-    import torch
-    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if not sample.native_bf16(torch.device('cpu')):
         pytest.skip('this CPU has no native bfloat16')
     shared_path('data', 'flickr8k', 'Images')
     result = run_script('bench/bench_bf16_agreement.py', '--images', '6')

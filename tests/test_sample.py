@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import pickle
@@ -152,6 +153,20 @@ def test_beam_size_and_bf16_flags(tiny_model, capsys):
         out = caption_of(image, tiny_model, capsys, *flags).out
         assert out.count('\n') == 1
     assert len(out.split()) <= 3
+
+
+def test_bf16_switches_the_encoder_only_where_bf16_is_native(tiny_model, monkeypatch, capsys):
+    parser = argparse.ArgumentParser()
+    sample.add_model_args(parser)
+    args = model_flags(tiny_model) + ['--precision', 'bf16', '--device', 'cpu']
+    cpu = torch.device('cpu')
+    if sample.native_bf16(cpu):
+        assert sample.load_model(parser.parse_args(args), cpu)[1].bf16
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    assert not sample.native_bf16(cpu)
+    assert not sample.load_model(parser.parse_args(args), cpu)[1].bf16
+    assert 'warning: no native bfloat16 on this cpu device; using fp32' in capsys.readouterr().err
 
 
 def test_no_images_in_a_folder_is_an_error(tiny_model, tmp_path):
