@@ -12,8 +12,6 @@ import torch
 
 from timing import machine
 import sample
-from build_vocab import load_vocab
-from model import load_captioner
 
 
 def main():
@@ -31,10 +29,11 @@ def main():
     device = torch.device('cpu')
     if not sample.native_bf16(device):
         raise SystemExit('this CPU has no native bfloat16: nothing to compare')
-    vocab = load_vocab(os.path.join(args.model_dir, 'vocab.pkl'))
-    encoder, decoder, config = load_captioner(os.path.join(args.model_dir, 'encoder.ckpt'),
-                                              os.path.join(args.model_dir, 'decoder.ckpt'), len(vocab), {}, device)
-    encoder.to(memory_format=torch.channels_last)
+    model_parser = argparse.ArgumentParser()
+    sample.add_model_args(model_parser)
+    files = [os.path.join(args.model_dir, name) for name in ('encoder.ckpt', 'decoder.ckpt', 'vocab.pkl')]
+    vocab, encoder, decoder, config = sample.load_model(model_parser.parse_args(
+        ['--encoder_path', files[0], '--decoder_path', files[1], '--vocab_path', files[2]]), device)
     autocast_only = copy.deepcopy(encoder)
     autocast_only.bf16 = True
     corrected = copy.deepcopy(encoder)
