@@ -46,10 +46,10 @@ def main():
         for precision, model in (('fp32', encoder), ('autocast', autocast_only), ('corrected', corrected)):
             captions[precision] = dict(sample.caption_files(paths, vocab, model, decoder, decoding, device,
                                                             progress=False))
-        same = {k: sum(captions[k][p] == captions['fp32'][p] for p in paths) for k in ('autocast', 'corrected')}
-        print(f'  {name}\n    {"bf16 autocast alone":<40} {same["autocast"]:5d} ({same["autocast"] / len(paths):.1%})\n'
-              f'    {"bf16 with the bias correction":<40} {same["corrected"]:5d} '
-              f'({same["corrected"] / len(paths):.1%})')
+        print(f'  {name}')
+        for precision, label in (('autocast', 'bf16 autocast alone'), ('corrected', 'bf16 with the bias correction')):
+            same = sum(captions[precision][p] == captions['fp32'][p] for p in paths)
+            print(f'    {label:<40} {same:5d} ({same / len(paths):.1%})')
 
 
 if __name__ == '__main__':
