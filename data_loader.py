@@ -1,34 +1,58 @@
 """COCO-format captions as PyTorch data sets: from image files, or from cached backbone features.
 
-A data set holds `samples`, one (input key, caption, image id) per caption; the key
+A caption data set holds `samples`, one (input key, caption, image id) per caption; the key
 is an image path (CocoDataset) or a row of the feature cache (FeatureDataset), and
 `load_input(key)` turns it into the encoder's input. Unreadable images yield None,
 which the collate functions drop, so one bad file never stops a long run.
 """
-import json as jsonlib
+import json
 import os
 import sys
 
 import numpy as np
 import torch
 import torch.utils.data as data
-from torchvision import transforms
 
-from build_vocab import read_captions, tokenize
-from resize import ImageError, open_image
+from build_vocab import tokenize
+from captions import read_captions
+from errors import InputError
+from images import ImageError, open_image, square
+
+CACHE_FORMAT = 2  # caches of this repo's earlier layouts are no longer read
+
+
+def eval_transform(image_size, mean, std):
+    """PIL image -> normalised tensor (3, size, size): the whole image squared with LANCZOS, as the
+    classic sample.py does (torchvision's Resize, ToTensor and Normalize, without importing it)."""
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def transform(image):
+        pixels = torch.from_numpy(np.asarray(square(image, image_size), dtype=np.uint8).copy())
+        return pixels.permute(2, 0, 1).float().div(255).sub(mean).div(std)
+    return transform
+
+
+def train_transform(crop_size, mean, std):
+    """The classic augmentation: a random crop of the resized image and a random mirror."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.RandomCrop(crop_size, pad_if_needed=True),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std)])
 
 
 class CaptionDataset(data.Dataset):
     """What both data sets share: caption word ids, and dropping captions whose image is absent."""
 
-    def __init__(self, json, vocab, available, where):
-        """`available` maps the image ids that can be read to their input keys."""
-        annotations, images = read_captions(json)
+    def __init__(self, caption_path, vocab, where):
+        annotations, images = read_captions(caption_path)
+        available = self.available(images)  # image id -> input key
         self.samples = [(available[a['image_id']], a['caption'], a['image_id']) for a in annotations
                         if a['image_id'] in available]
         dropped = len(annotations) - len(self.samples)
         if dropped:
-            print(f'warning: {json}: {dropped} of {len(annotations)} captions dropped, their '
+            print(f'warning: {caption_path}: {dropped} of {len(annotations)} captions dropped, their '
                   f'{len(images) - len(available)} images are not in {where}', file=sys.stderr)
         self.vocab = vocab
 
@@ -48,13 +72,13 @@ class CaptionDataset(data.Dataset):
 class CocoDataset(CaptionDataset):
     """(image, caption word ids) for every caption whose image file is present (one sample per caption)."""
 
-    def __init__(self, root, json, vocab, transform=None):
-        _, images = read_captions(json)
-        present = {image_id: os.path.join(root, name) for image_id, name in images.items()
-                   if os.path.isfile(os.path.join(root, name))}
-        super().__init__(json, vocab, present, root)
-        self.transform = transform
-        self.reported = set()
+    def __init__(self, root, caption_path, vocab, transform=None):
+        self.root, self.transform, self.reported = root, transform, set()
+        super().__init__(caption_path, vocab, root)
+
+    def available(self, images):
+        paths = {image_id: os.path.join(self.root, name) for image_id, name in images.items()}
+        return {image_id: path for image_id, path in paths.items() if os.path.isfile(path)}
 
     def load_input(self, path):
         """The transformed image, or None (reported once) when it cannot be read."""
@@ -68,36 +92,44 @@ class CocoDataset(CaptionDataset):
         return self.transform(image) if self.transform is not None else image
 
 
-class FeatureCacheError(ValueError):
-    """A feature cache that is missing, incomplete, or built for another model."""
-
-
-def read_feature_index(folder):
-    """The index of a complete feature cache written by extract_features.py."""
+def read_feature_index(folder, cnn=None, spatial=None):
+    """The index of a complete feature cache written by extract_features.py, checked against the
+    backbone `cnn` and (for the attention decoder) `spatial` when they are given."""
     path = os.path.join(folder, 'index.json')
     if not os.path.exists(path):
         hint = ' (extraction did not finish: run extract_features.py again to complete it)' \
             if os.path.exists(path + '.partial') else ''
-        raise FeatureCacheError(f'{folder}: no complete feature cache{hint}')
+        raise InputError(f'{folder}: no complete feature cache{hint}')
     with open(path) as f:
-        return jsonlib.load(f)
+        index = json.load(f)
+    if index.get('format') != CACHE_FORMAT:
+        raise InputError(f'{path}: written by an earlier version of this repo; its format is no longer read')
+    if cnn is not None and index['cnn'] != cnn:
+        raise InputError(f'{folder}: cached with --cnn {index["cnn"]}, not {cnn}')
+    if spatial is not None and index['spatial'] != spatial:
+        kind = 'attention' if spatial else 'lstm'
+        raise InputError(f'{folder}: --decoder {kind} needs a cache built ' +
+                         ('with' if spatial else 'without') + ' extract_features.py --spatial')
+    return index
 
 
 class FeatureDataset(CaptionDataset):
-    """(cached pooled backbone feature, caption word ids) for every caption whose image is cached.
+    """(cached backbone features, caption word ids) for every caption whose image is cached.
 
     With `flip`, each sample uses the horizontally flipped image's features half of the time
     (when the cache holds them): the feature-space version of the classic random mirror.
     """
 
-    def __init__(self, folder, json, vocab, flip=False):
-        self.index = read_feature_index(folder)
-        rows = {name: row for row, name in enumerate(self.index['files']) if name not in self.index['broken']}
-        _, images = read_captions(json)
-        super().__init__(json, vocab, {i: rows[name] for i, name in images.items() if name in rows}, folder)
+    def __init__(self, folder, caption_path, vocab, flip=False, cnn=None, spatial=None):
+        self.index = read_feature_index(folder, cnn, spatial)
+        super().__init__(caption_path, vocab, folder)
         self.features = np.load(os.path.join(folder, 'features.npy'), mmap_mode='r')
         flipped = os.path.join(folder, 'features_flip.npy')
         self.flipped = np.load(flipped, mmap_mode='r') if flip and os.path.exists(flipped) else None
+
+    def available(self, images):
+        rows = {name: row for row, name in enumerate(self.index['files']) if name not in self.index['broken']}
+        return {image_id: rows[name] for image_id, name in images.items() if name in rows}
 
     def load_input(self, row):
         source = self.features
@@ -131,6 +163,55 @@ class GroupedDataset(data.Dataset):
 
     def __len__(self):
         return len(self.groups)
+
+
+class ImageSet(data.Dataset):
+    """The distinct images of a caption data set (the first `limit`), as (image id, encoder input or
+    None): for captioning a validation split, and for self-critical training."""
+
+    def __init__(self, dataset, limit=None):
+        seen = {}
+        for key, _, image_id in dataset.samples:
+            if key not in seen and (limit is None or len(seen) < limit):
+                seen[key] = image_id
+        self.dataset, self.items = dataset, list(seen.items())
+
+    def __getitem__(self, index):
+        key, image_id = self.items[index]
+        return image_id, self.dataset.load_input(key)
+
+    def __len__(self):
+        return len(self.items)
+
+    @staticmethod
+    def collate(batch):
+        """(image ids, stacked inputs), unreadable images dropped; None when none is left."""
+        batch = [(i, x) for i, x in batch if x is not None]
+        return ([i for i, _ in batch], torch.stack([x for _, x in batch])) if batch else None
+
+
+class ImageFiles(data.Dataset):
+    """Image files for captioning: (index, tensor), or (index, ImageError) for an unreadable file."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __getitem__(self, index):
+        try:
+            return index, self.transform(open_image(self.paths[index]))
+        except ImageError as e:
+            return index, e
+
+    def __len__(self):
+        return len(self.paths)
+
+    @staticmethod
+    def collate(batch):
+        """(indices, stacked images or None, [(index, error)]) for a batch."""
+        good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
+        errors = [(i, x) for i, x in batch if not isinstance(x, torch.Tensor)]
+        images = torch.stack([x for _, x in good]) if good else None
+        return [i for i, _ in good], images, errors
 
 
 def _pad(captions):
@@ -184,82 +265,11 @@ class EpochSampler(data.DistributedSampler):
         return super().__len__() - self.start
 
 
-def get_loader(root, json, vocab, transform, batch_size, shuffle, num_workers, seed=None, dataset=None,
-               num_replicas=1, rank=0):
-    """A DataLoader yielding (images, targets, lengths) batches over CocoDataset (or `dataset`).
-
-    With shuffle and a seed, the order comes from an EpochSampler (loader.sampler), and the
-    loader's own seeds from a private generator, so that starting an epoch does not draw from
-    the global RNG (which the augmentation uses, and a resumed run restores).
-    """
-    dataset = dataset or CocoDataset(root=root, json=json, vocab=vocab, transform=transform)
-    sampler = EpochSampler(dataset, seed, num_replicas, rank) if shuffle and seed is not None else None
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    collate = collate_grouped if isinstance(dataset, GroupedDataset) else collate_fn
-    return data.DataLoader(dataset=dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                           sampler=sampler, generator=generator, num_workers=num_workers, collate_fn=collate,
-                           persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-
-
-def train_transform(crop_size, mean, std):
-    """The classic augmentation: a random crop of the 256x256 image and a random mirror."""
-    return transforms.Compose([
-        transforms.RandomCrop(crop_size, pad_if_needed=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std)])
-
-
-def eval_transform(image_size, mean, std):
-    """The whole image squared to image_size with LANCZOS, as the classic sample.py does."""
-    return transforms.Compose([
-        transforms.Resize((image_size, image_size), transforms.InterpolationMode.LANCZOS),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std)])
-
-
-class ImageListDataset(data.Dataset):
-    """Image files for captioning: (index, tensor), or (index, error message) for an unreadable file."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __getitem__(self, index):
-        try:
-            return index, self.transform(open_image(self.paths[index]))
-        except ImageError as e:
-            return index, str(e)
-
-    def __len__(self):
-        return len(self.paths)
-
-    @staticmethod
-    def collate(batch):
-        """(indices, stacked images or None, [(index, error)]) for a batch."""
-        good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-        errors = [(i, x) for i, x in batch if not isinstance(x, torch.Tensor)]
-        images = torch.stack([x for _, x in good]) if good else None
-        return [i for i, _ in good], images, errors
-
-
-class FirstImages(data.Dataset):
-    """The first `limit` distinct images of a caption data set, as (image id, encoder input or None)."""
-
-    def __init__(self, dataset, limit):
-        seen = {}
-        for key, _, image_id in dataset.samples:
-            if key not in seen and len(seen) < limit:
-                seen[key] = image_id
-        self.dataset, self.items = dataset, list(seen.items())
-
-    def __getitem__(self, index):
-        key, image_id = self.items[index]
-        return image_id, self.dataset.load_input(key)
-
-    def __len__(self):
-        return len(self.items)
-
-    @staticmethod
-    def collate(batch):
-        batch = [(i, x) for i, x in batch if x is not None]
-        return [i for i, _ in batch], torch.stack([x for _, x in batch]) if batch else None
+def training_loader(dataset, batch_size, seed, num_workers, collate, num_replicas=1, rank=0):
+    """A shuffling DataLoader whose order comes from an EpochSampler (loader.sampler), and whose
+    workers' seeds from a private generator, so that starting an epoch does not draw from the
+    global RNG (which the augmentation uses, and a resumed run restores)."""
+    return data.DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed, num_replicas, rank),
+                           generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
+                           collate_fn=collate, persistent_workers=num_workers > 0,
+                           pin_memory=torch.cuda.is_available())

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from build_vocab import CaptionFileError, read_captions
-from data_loader import FeatureCacheError, ImageListDataset, eval_transform
-from model import CNN_CHOICES, EncoderCNN, WeightsError, pick_device
+from captioner import pick_device
+from captions import read_captions
+from checkpoints import atomic_write
+from data_loader import CACHE_FORMAT, ImageFiles, eval_transform
+from errors import InputError
+from model import CNN_CHOICES, LITE_SIZES, EncoderCNN, ModelConfig
 
 
 def write_json(obj, path):
-    with open(path + '.tmp', 'w') as f:
+    with atomic_write(path, 'w') as f:
         json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
 
 
 def plan(args):
@@ -42,16 +42,19 @@ def plan(args):
     if len(present) < len(names):
         print(f'warning: {len(names) - len(present)} of {len(names)} images are not in {args.image_dir}; '
               f'their captions will be dropped', file=sys.stderr)
-    return {'cnn': args.cnn, 'image_size': args.image_size, 'flip': args.flip, 'spatial': args.spatial,
-            'files': present, 'broken': [], 'done': 0}
+    config = ModelConfig(cnn=args.cnn)  # the backbone's normalisation
+    return {'format': CACHE_FORMAT, 'cnn': args.cnn, 'image_size': args.image_size, 'mean': list(config.mean),
+            'std': list(config.std), 'flip': args.flip, 'spatial': args.spatial, 'files': present, 'broken': [],
+            'done': 0}
 
 
 def check_compatible(found, wanted, where):
+    if found.get('format') != CACHE_FORMAT:
+        raise InputError(f'{where}: written by an earlier version of this repo; its format is no longer read')
     for key in ('cnn', 'image_size', 'flip', 'spatial', 'files'):
-        if found.get(key, False) != wanted[key]:  # caches from before --spatial have no 'spatial' key
-            what = 'other images' if key == 'files' else f'{key}={found.get(key, False)!r} (asked: {wanted[key]!r})'
-            raise FeatureCacheError(f'{where}: this cache was built with {what}; '
-                                    f'use another --output_dir or delete it')
+        if found[key] != wanted[key]:
+            what = 'other images' if key == 'files' else f'{key}={found[key]!r} (asked: {wanted[key]!r})'
+            raise InputError(f'{where}: this cache was built with {what}; use another --output_dir or delete it')
 
 
 def extract(args):
@@ -83,10 +86,10 @@ def extract(args):
                                             dtype=np.float16, shape=shape) for a in arrays]
         write_json(index, index_path + '.partial')
     paths = [os.path.join(args.image_dir, n) for n in index['files']]
-    dataset = ImageListDataset(paths, eval_transform(args.image_size, encoder.mean, encoder.std))
+    dataset = ImageFiles(paths, eval_transform(args.image_size, index['mean'], index['std']))
     todo = torch.utils.data.Subset(dataset, range(index['done'], len(paths)))
     loader = torch.utils.data.DataLoader(todo, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=ImageListDataset.collate)
+                                         collate_fn=ImageFiles.collate)
     encoder.to(memory_format=torch.channels_last)
     saved = time.time()
     with torch.inference_mode(), tqdm(total=len(paths), initial=index['done'], desc='extracting', unit='image',
@@ -123,8 +126,9 @@ def main(argv=None):
     parser.add_argument('--caption_path', nargs='+', default=['data/annotations/captions_train2014.json'],
                         help='caption files whose images to cache (several share one cache)')
     parser.add_argument('--output_dir', default='data/features', help='folder for the cache')
-    parser.add_argument('--cnn', default='resnet152', choices=CNN_CHOICES, help='backbone')
-    parser.add_argument('--image_size', type=int, default=224, help='images are squared to this size')
+    parser.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='backbone')
+    parser.add_argument('--image_size', type=int, help="images are squared to this size (default: the backbone's "
+                        'input size, 224 for ResNets)')
     parser.add_argument('--flip', action='store_true', help="also cache the mirrored images' features")
     parser.add_argument('--spatial', action='store_true',
                         help='cache the unpooled feature map (for train.py --decoder attention); 49x larger')
@@ -132,9 +136,10 @@ def main(argv=None):
     parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")
     args = parser.parse_args(argv)
+    args.image_size = args.image_size or LITE_SIZES.get(args.cnn, 224)
     try:
         extract(args)
-    except (CaptionFileError, FeatureCacheError, WeightsError) as e:
+    except InputError as e:
         sys.exit(f'error: {e}')
 
 

@@ -7,9 +7,11 @@ repo works on Flickr8k unchanged (`--image_dir DATA_DIR/Images`). Image ids are
 numbered from 1 in the token file's order; a split whose list is absent is skipped.
 """
 import argparse
-import json
 import os
 import sys
+
+from captions import write_coco
+from errors import InputError
 
 SPLITS = ('train', 'dev', 'test')
 
@@ -17,30 +19,23 @@ SPLITS = ('train', 'dev', 'test')
 def read_tokens(path):
     """Captions per image name, in file order: {file_name: [caption, ...]}."""
     captions = {}
-    with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            key, tab, caption = line.partition('\t')
-            name, hash_sign, _ = key.partition('#')
-            if not tab or not hash_sign:
-                raise ValueError(f'{path}:{number}: expected "name.jpg#k<TAB>caption", got {line[:60]!r}')
-            captions.setdefault(name, []).append(caption.strip())
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise InputError(f'{path}: no such file') from None
+    except UnicodeDecodeError as e:
+        raise InputError(f'{path}: not UTF-8 text ({e})') from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        key, tab, caption = line.partition('\t')
+        name, hash_sign, _ = key.partition('#')
+        if not tab or not hash_sign:
+            raise InputError(f'{path}:{number}: expected "name.jpg#k<TAB>caption", got {line[:60]!r}')
+        captions.setdefault(name, []).append(caption.strip())
     return captions
-
-
-def write_coco(path, names, captions, image_ids):
-    """Write the images of one split and their captions as a COCO caption file."""
-    images, annotations = [], []
-    for name in names:
-        images.append({'id': image_ids[name], 'file_name': name})
-        for caption in captions[name]:
-            annotations.append({'id': len(annotations) + 1, 'image_id': image_ids[name], 'caption': caption})
-    with open(path + '.tmp', 'w') as f:
-        json.dump({'images': images, 'annotations': annotations}, f)
-    os.replace(path + '.tmp', path)
-    return len(images), len(annotations)
 
 
 def main(argv=None):
@@ -51,9 +46,7 @@ def main(argv=None):
     token_path = os.path.join(args.data_dir, 'Flickr8k.token.txt')
     try:
         captions = read_tokens(token_path)
-    except FileNotFoundError:
-        sys.exit(f'error: {token_path}: no such file')
-    except (ValueError, UnicodeDecodeError) as e:
+    except InputError as e:
         sys.exit(f'error: {e}')
     image_ids = {name: i for i, name in enumerate(captions, 1)}
     os.makedirs(args.output_dir, exist_ok=True)

@@ -12,8 +12,8 @@ import argparse
 import os
 import sys
 
-from build_vocab import CaptionFileError, read_json
-from prepro_flickr8k import write_coco
+from captions import read_json, write_coco
+from errors import InputError
 
 SPLIT_OF = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}
 
@@ -22,7 +22,7 @@ def read_karpathy(path):
     """({split: [file_name, ...]}, {file_name: [caption, ...]}, {file_name: image id}) from a split file."""
     data = read_json(path, 'split file')
     if not isinstance(data, dict) or not isinstance(data.get('images'), list):
-        raise CaptionFileError(f"{path}: not a Karpathy split file (needs an 'images' list)")
+        raise InputError(f"{path}: not a Karpathy split file (needs an 'images' list)")
     splits, captions, ids = {'train': [], 'val': [], 'test': []}, {}, {}
     for i, image in enumerate(data['images']):
         try:
@@ -31,7 +31,7 @@ def read_karpathy(path):
             sentences = [s['raw'].strip() for s in image['sentences']]
             ids[name] = image.get('cocoid', image.get('imgid', i))
         except (KeyError, TypeError, AttributeError) as e:
-            raise CaptionFileError(f"{path}: images[{i}] lacks 'filename', a known 'split' or 'sentences' ({e})") from None
+            raise InputError(f"{path}: images[{i}] lacks 'filename', a known 'split' or 'sentences' ({e})") from None
         splits[split].append(name)
         captions[name] = sentences
     return splits, captions, ids
@@ -44,7 +44,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         splits, captions, ids = read_karpathy(args.split_file)
-    except CaptionFileError as e:
+    except InputError as e:
         sys.exit(f'error: {e}')
     os.makedirs(args.output_dir, exist_ok=True)
     for split, names in splits.items():

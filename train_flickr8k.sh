@@ -12,31 +12,32 @@ DATA_DIR=$(cd "${1:?usage: bash train_flickr8k.sh DATA_DIR}" && pwd)  # absolute
 WORK=${WORK_DIR:-data/flickr8k_work}
 OUT=${OUTPUT_DIR:-models/flickr8k}
 EPOCHS=${EPOCHS:-5}
+PYTHON=${PYTHON:-python}  # the interpreter to run the steps with
 cd "$(dirname "$0")"
 start=$SECONDS
 step() { echo; echo "== [$(( (SECONDS - start) / 60 )) min] $*"; }
 
 step "1/6 COCO-format caption files"
-python prepro_flickr8k.py --data_dir "$DATA_DIR" --output_dir "$WORK"
+"$PYTHON" prepro_flickr8k.py --data_dir "$DATA_DIR" --output_dir "$WORK"
 step "2/6 vocabulary (words seen at least 5 times in the training captions)"
-python build_vocab.py --caption_path "$WORK/captions_train.json" --vocab_path "$WORK/vocab.pkl" --threshold 5
+"$PYTHON" build_vocab.py --caption_path "$WORK/captions_train.json" --vocab_path "$WORK/vocab.pkl" --threshold 5
 step "3/6 efficientnet-lite0 7x7 feature maps of every train photo and its mirror image, and of every dev photo"
-python extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_train.json" \
+"$PYTHON" extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_train.json" \
     --output_dir "$WORK/features_train" --cnn efficientnet-lite0 --image_size 224 --flip --spatial
-python extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_dev.json" \
+"$PYTHON" extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_dev.json" \
     --output_dir "$WORK/features_dev" --cnn efficientnet-lite0 --image_size 224 --spatial
 step "4/6 training the attention decoder, validated on the dev split after every epoch"
-python train.py --cnn efficientnet-lite0 --decoder attention --embed_size 512 --features "$WORK/features_train" \
+"$PYTHON" train.py --cnn efficientnet-lite0 --decoder attention --embed_size 512 --features "$WORK/features_train" \
     --caption_path "$WORK/captions_train.json" --val_features "$WORK/features_dev" \
     --val_caption_path "$WORK/captions_dev.json" --val_images 1000 --vocab_path "$WORK/vocab.pkl" \
     --model_path "$WORK/models" --num_epochs "$EPOCHS" --dropout 0.5 --lr_decay_every 3 --lr_decay 0.5 \
     --num_workers 0 --log_step 50 --save_step 100000 --seed 1 --resume latest
 step "5/6 export the best epoch (by dev CIDEr) as float16 with its decode settings"
-python export_model.py --encoder_path "$WORK/models/encoder-best.ckpt" --decoder_path "$WORK/models/decoder-best.ckpt" \
+"$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-best.ckpt" --decoder_path "$WORK/models/decoder-best.ckpt" \
     --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" --beam_size 3 --length_penalty 1
 step "6/6 dev-split scores of the exported model, greedy and beam 3"
 for beam in 1 3; do
-    python evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \
+    "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \
         --encoder_path "$OUT/encoder.ckpt" --decoder_path "$OUT/decoder.ckpt" --vocab_path "$OUT/vocab.pkl" \
         --beam_size $beam --output "$WORK/dev_results_beam$beam.json" --scores "$WORK/dev_scores_beam$beam.json"
 done

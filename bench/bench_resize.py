@@ -1,6 +1,6 @@
 """resize.py (a process per core, JPEG draft decoding) against the classic one-process LANCZOS loop.
 
-    python bench/bench_resize.py --image_dir ../shared/data/coco/val2017
+    python bench/bench_resize.py --image_dir data/val2014   # default: the 12 COCO photos in tests/data
 """
 import argparse
 import os
@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from timing import machine, median_seconds, report
+from timing import SAMPLE_PHOTOS, machine, median_seconds, report
 import resize
 
 
@@ -37,7 +37,7 @@ def compare(paths, work, size, repeats, label):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--image_dir', default='../shared/data/coco/val2017', help='real photos')
+    parser.add_argument('--image_dir', default=SAMPLE_PHOTOS, help='a folder of real JPEG photos')
     parser.add_argument('--image_size', type=int, default=256)
     parser.add_argument('--large', type=int, default=40, help='photos upscaled to 1600 px for the second test')
     parser.add_argument('--repeats', type=int, default=3)
@@ -49,7 +49,7 @@ def main():
         for name in names:
             shutil.copy(os.path.join(args.image_dir, name), os.path.join(work, 'src', name))
         paths = [os.path.join(work, 'src', n) for n in names]
-        compare(paths, work, args.image_size, args.repeats, 'COCO val2017 originals (mostly 640x480)')
+        compare(paths, work, args.image_size, args.repeats, f'the photos of {args.image_dir}')
     with tempfile.TemporaryDirectory() as work:
         os.makedirs(os.path.join(work, 'src'))
         for name in names[:args.large]:

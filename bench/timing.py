@@ -5,7 +5,10 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SAMPLE_PHOTOS = os.path.join(ROOT, 'tests', 'data', 'coco', 'images')  # 12 real COCO photos in the repo
+SAMPLE_CAPTIONS = os.path.join(ROOT, 'tests', 'data', 'coco', 'captions.json')
 
 
 def median_seconds(run, repeats=3, setup=None):

@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 
 import build_vocab
-from build_vocab import (CaptionFileError, Vocabulary, VocabularyError, ids_to_caption, load_vocab, read_captions,
-                         tokenize)
+from build_vocab import Vocabulary, load_vocab, save_vocab, tokenize
+from captions import read_captions
+from errors import InputError
 from conftest import ROOT, TEST_DATA, run_script, shared_path
 
 TRICKY = ['A man riding a wave on top of a surfboard.', 'Two dogs. One cat.', "The dog's \"ball\" isn't red!",
@@ -38,13 +39,15 @@ def test_vocab_counts_match_nltk_on_official_val2017(nltk_reference, tmp_path):
 
 
 def test_vocabulary_ids_threshold_and_order(tmp_path):
+    """'cat' is seen exactly --threshold (2) times and kept; '.' and 'bird' once and dropped."""
     captions = {'images': [{'id': 1, 'file_name': 'a.jpg'}],
-                'annotations': [{'image_id': 1, 'caption': c} for c in
-                                ['Zebra dog.', 'zebra cat', 'dog zebra', 'dog bird']]}
+                'annotations': [{'id': i, 'image_id': 1, 'caption': c} for i, c in
+                                enumerate(['Zebra dog.', 'zebra cat', 'dog zebra', 'dog bird', 'Cat'])]}
     vocab = build_vocab.build_vocab(write_json(tmp_path / 'c.json', captions), threshold=2)
-    assert [vocab.idx2word[i] for i in range(len(vocab))] == ['<pad>', '<start>', '<end>', '<unk>', 'zebra', 'dog']
-    assert vocab('dog') == 5 and vocab('bird') == vocab('<unk>') == 3 and len(vocab) == 6
-    assert ids_to_caption(vocab, [1, 4, 3, 5, 0, 2, 4]) == 'zebra dog'
+    assert [vocab.idx2word[i] for i in range(len(vocab))] == ['<pad>', '<start>', '<end>', '<unk>', 'zebra', 'dog',
+                                                              'cat']
+    assert vocab('dog') == 5 and vocab('bird') == vocab('<unk>') == 3 and len(vocab) == 7
+    assert vocab.words([1, 4, 3, 5, 0, 2, 4]) == ['zebra', '<unk>', 'dog']  # up to <end>, no <start>/<pad>
 
 
 def test_main_writes_a_vocabulary(tmp_path, capsys):
@@ -57,6 +60,22 @@ def test_main_writes_a_vocabulary(tmp_path, capsys):
     words = {w for a in annotations for w in tokenize(a['caption'])}
     assert set(vocab.word2idx) == words | set(build_vocab.SPECIAL_TOKENS)
     assert not [p for p in os.listdir(tmp_path / 'sub') if p.endswith('.tmp')]
+
+
+def test_crash_while_saving_a_vocabulary_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / 'vocab.pkl')
+    old = Vocabulary()
+    for word in build_vocab.SPECIAL_TOKENS + ('giraffe',):
+        old.add_word(word)
+    save_vocab(old, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b'half a pickle')
+        raise OSError('disk full')
+    monkeypatch.setattr(pickle, 'dump', crash)
+    with pytest.raises(OSError):
+        save_vocab(Vocabulary(), path)
+    assert load_vocab(path)('giraffe') == 4 and os.listdir(tmp_path) == ['vocab.pkl']
 
 
 def test_loads_classic_vocab_pickled_from_main(tmp_path):
@@ -85,7 +104,7 @@ def test_vocab_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(RunsCode()))
-    with pytest.raises(VocabularyError, match='evil.pkl.*refusing to load posix.system'):
+    with pytest.raises(InputError, match='evil.pkl.*refusing to load posix.system'):
         load_vocab(str(path))
     assert not (tmp_path / 'pwned').exists()
 
@@ -98,9 +117,9 @@ def test_vocab_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
 def test_bad_vocab_files(tmp_path, content, problem):
     path = tmp_path / 'vocab.pkl'
     path.write_bytes(content)
-    with pytest.raises(VocabularyError, match=problem):
+    with pytest.raises(InputError, match=problem):
         load_vocab(str(path))
-    with pytest.raises(VocabularyError, match='no such vocabulary file'):
+    with pytest.raises(InputError, match='no such vocabulary file'):
         load_vocab(str(tmp_path / 'absent.pkl'))
 
 
@@ -108,10 +127,14 @@ def test_bad_vocab_files(tmp_path, content, problem):
     ('{not json', 'not valid JSON'),
     ('[]', 'not a COCO caption file'),
     ('{"images": []}', 'not a COCO caption file'),
-    ('{"images": [{"id": 1}], "annotations": []}', r"images\[0\] lacks an 'id' or a 'file_name'"),
-    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]}',
-     r"annotations\[0\] lacks an 'image_id' or a 'caption'"),
-    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "caption": "x"}]}',
+    ('{"images": 3, "annotations": []}', 'not a COCO caption file'),
+    ('{"images": [{"id": 1}], "annotations": []}', r"images\[0\] lacks a 'file_name'"),
+    ('{"images": [{"file_name": "a.jpg"}], "annotations": []}', "not a COCO caption file \\(an entry lacks 'id'"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": 1}]}',
+     r"annotations\[0\] lacks a 'caption' string"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "caption": "x"}]}',
+     "an entry lacks 'image_id'"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 1, "image_id": 2, "caption": "x"}]}',
      'names image_id 2'),
     ('{"images": [{"id": 1, "file_name": "../etc/passwd"}], "annotations": []}', 'outside the image folder'),
     ('{"images": [{"id": 1, "file_name": "/etc/passwd"}], "annotations": []}', 'outside the image folder'),
@@ -119,7 +142,7 @@ def test_bad_vocab_files(tmp_path, content, problem):
 def test_bad_caption_files_are_refused_up_front(tmp_path, data, problem):
     path = tmp_path / 'captions.json'
     path.write_text(data)
-    with pytest.raises(CaptionFileError, match=problem):
+    with pytest.raises(InputError, match=problem):
         read_captions(str(path))
 
 
@@ -134,7 +157,8 @@ def test_bad_caption_file_gives_one_line_error(tmp_path):
 
 def test_empty_and_non_ascii_captions(tmp_path):
     captions = {'images': [{'id': 1, 'file_name': 'a.jpg'}],
-                'annotations': [{'image_id': 1, 'caption': c} for c in ['', 'Ein Café', 'ein café', '日本の 猫']]}
+                'annotations': [{'id': i, 'image_id': 1, 'caption': c}
+                                for i, c in enumerate(['', 'Ein Café', 'ein café', '日本の 猫'])]}
     vocab = build_vocab.build_vocab(write_json(tmp_path / 'c.json', captions), threshold=2)
     assert vocab('café') == 5 and vocab('ein') == 4
 

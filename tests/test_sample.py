@@ -1,4 +1,3 @@
-import argparse
 import json
 import os
 import pickle
@@ -146,26 +145,40 @@ def test_batched_beam_one_equals_one_by_one_greedy(tiny_model, coco_sample, caps
         assert capsys.readouterr().out.strip() == caption
 
 
-def test_beam_size_and_bf16_flags(tiny_model, capsys):
+def test_decoding_and_precision_flags_reach_the_model(tiny_model, monkeypatch, capsys):
+    """Each flag must change what runs: the beam search's arguments, and the encoder's precision."""
+    import bf16
+    import captioner
+    calls = []
+    real_search = captioner.beam_search
+    monkeypatch.setattr(captioner, 'beam_search', lambda *a, **k: calls.append(a[3:6]) or real_search(*a, **k))
+    monkeypatch.setattr(bf16, 'native_bf16', lambda device: True)
     image = os.path.join(ROOT, 'png', 'example.png')
-    for flags in (['--beam_size', '3'], ['--beam_size', '3', '--length_penalty', '1.0'], ['--precision', 'bf16'],
-                  ['--max_length', '3']):
+    recorded = (1, 20, 0.0)  # what the tiny model's checkpoint records: greedy, 20 words, no penalty
+    for flags, expected in ((['--beam_size', '3'], (3, 20, 0.0)), (['--length_penalty', '0.7'], (1, 20, 0.7)),
+                            (['--max_length', '3'], (1, 3, 0.0)), (['--precision', 'bf16'], recorded)):
         out = caption_of(image, tiny_model, capsys, *flags).out
-        assert out.count('\n') == 1
-    assert len(out.split()) <= 3
+        assert out.count('\n') == 1 and calls[-1] == expected, flags
+    assert len(out.split()) <= 20
+    assert len(caption_of(image, tiny_model, capsys, '--max_length', '3').out.split()) <= 3
+    encoders = []
+    monkeypatch.setattr(bf16, 'use_bf16', lambda encoder, device: encoders.append(encoder))
+    caption_of(image, tiny_model, capsys, '--precision', 'bf16')
+    caption_of(image, tiny_model, capsys)
+    assert len(encoders) == 1
 
 
 def test_bf16_switches_the_encoder_only_where_bf16_is_native(tiny_model, monkeypatch, capsys):
-    parser = argparse.ArgumentParser()
-    sample.add_model_args(parser)
-    args = model_flags(tiny_model) + ['--precision', 'bf16', '--device', 'cpu']
+    import bf16
+    from captioner import Captioner
+    files = tiny_model['encoder'], tiny_model['decoder'], tiny_model['vocab']
     cpu = torch.device('cpu')
-    if sample.native_bf16(cpu):
-        assert sample.load_model(parser.parse_args(args), cpu)[1].bf16
+    if bf16.native_bf16(cpu):
+        assert Captioner.load(*files, 'cpu', 'bf16').encoder.bf16
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
-    assert not sample.native_bf16(cpu)
-    assert not sample.load_model(parser.parse_args(args), cpu)[1].bf16
+    assert not bf16.native_bf16(cpu)
+    assert not Captioner.load(*files, 'cpu', 'bf16').encoder.bf16
     assert 'warning: no native bfloat16 on this cpu device; using fp32' in capsys.readouterr().err
 
 

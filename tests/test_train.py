@@ -6,9 +6,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import build_vocab
-import sample
 import train
-from model import load_captioner
+from captioner import Captioner
 
 SCENES = {'red.png': ('red', 'a red square on a white wall'), 'blue.png': ('blue', 'two blue birds in the sky'),
           'green.png': ('green', 'a green field with a tree'), 'yellow.png': ('yellow', 'a yellow taxi on the road')}
@@ -43,12 +42,11 @@ def test_tiny_model_learns_its_captions(tmp_path):
     models = tmp_path / 'models'
     assert train.main(train_args(folder, models, '--num_epochs', '60', '--learning_rate', '0.01',
                                  '--log_step', '2', '--save_step', '1000')) == 0
-    vocab = build_vocab.load_vocab(str(folder / 'vocab.pkl'))
-    encoder, decoder, config = load_captioner(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
-                                              len(vocab), {}, 'cpu')
-    assert config['cnn'] == 'efficientnet-lite0' and config['image_size'] == 64
+    captioner = Captioner.load(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
+                               str(folder / 'vocab.pkl'), 'cpu')
+    assert captioner.config.cnn == 'efficientnet-lite0' and captioner.config.image_size == 64
     paths = [str(folder / 'images' / name) for name in SCENES]
-    captions = [c for _, c in sample.caption_files(paths, vocab, encoder, decoder, config, torch.device('cpu'))]
+    captions = [c for _, c in captioner.caption_files(paths, num_workers=0)]
     assert captions == [caption for _, caption in SCENES.values()]
 
     log = [json.loads(line) for line in open(models / 'train_log.jsonl')]

@@ -1,0 +1,63 @@
+"""bfloat16 inference for the encoder (`--precision bf16`), with a data-free bias correction.
+
+Imported only when bf16 is asked for. The backbone runs under bfloat16 autocast, but for its
+high-resolution first layers (EncoderCNN.split_backbone), where rounding changed the most
+captions and costs little to avoid. Rounding a convolution's weights to bfloat16 also shifts
+the mean of its outputs; where its input is ReLU(BatchNorm(...)), that input's mean follows
+from the BatchNorm's beta and gamma, so the shift is known and the next BatchNorm takes it off
+(Nagel et al., 2019, "Data-Free Quantization"). bench/README.md has the figures.
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def native_bf16(device):
+    """Whether `device` computes in bfloat16 natively: a CPU with AVX-512 bf16 or AMX, or a CUDA GPU
+    with bf16 (Ampere and later)."""
+    if device.type == 'cpu':
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return device.type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def activated_convs(body):
+    """(BatchNorm, cap, convolution, BatchNorm) for each convolution of `body` whose input is
+    ReLU (cap None) or ReLU6 (cap 6) of the first BatchNorm's output, and whose output goes into
+    the second: the inner convolutions of torchvision's residual blocks and of EfficientNet-Lite's."""
+    for block in body.modules():
+        kind = type(block).__name__
+        if kind == 'Bottleneck':
+            yield from ((block.bn1, None, block.conv2, block.bn2), (block.bn2, None, block.conv3, block.bn3))
+        elif kind == 'BasicBlock':
+            yield block.bn1, None, block.conv2, block.bn2
+        elif kind == 'MBConvBlock':
+            if block._block_args.expand_ratio != 1:
+                yield block._bn0, 6, block._depthwise_conv, block._bn1
+            yield block._bn1, 6, block._project_conv, block._bn2
+
+
+def relu_mean(mean, std, cap=None):
+    """E[min(max(Z, 0), cap)] for Z ~ Normal(mean, std**2), elementwise."""
+    def excess(a):  # E[max(Z - a, 0)]
+        u = (mean - a) / std
+        return (mean - a) * torch.special.ndtr(u) + std * torch.exp(-u * u / 2) / math.sqrt(2 * math.pi)
+    return excess(0.0) - (excess(cap) if cap is not None else 0.0)
+
+
+def use_bf16(encoder, device):
+    """Switch `encoder` (an EncoderCNN, for inference) to bf16 where `device` has it natively;
+    elsewhere warn and stay fp32. A second call changes nothing. As it changes BatchNorm
+    statistics, an encoder switched to bf16 is not one to train or save."""
+    if not native_bf16(device):
+        print(f'warning: no native bfloat16 on this {device.type} device; using fp32', file=sys.stderr)
+        return
+    if encoder.bf16:
+        return
+    with torch.no_grad():
+        for before, cap, conv, after in activated_convs(encoder.split_backbone()[1]):
+            mean_in = relu_mean(before.bias, before.weight.abs().clamp_min(1e-6), cap).view(1, -1, 1, 1)
+            error = (conv.weight.bfloat16().float() - conv.weight).sum((2, 3), keepdim=True)
+            after.running_mean += F.conv2d(mean_in, error, groups=conv.groups).flatten()
+    encoder.bf16 = True

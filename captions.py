@@ -1,0 +1,90 @@
+"""COCO-format caption files: read with pycocotools and checked, or written.
+
+A caption file is {"images": [{"id", "file_name"}], "annotations": [{"id", "image_id",
+"caption"}]}, as MS-COCO's captions_*.json; prepro_flickr8k.py and prepro_karpathy.py write
+other data sets in this format so that every script reads them alike.
+"""
+import contextlib
+import io
+import json
+import os
+
+from checkpoints import atomic_write
+from errors import InputError
+
+
+def read_json(path, what='caption file'):
+    """Load a JSON file; a missing, unreadable or malformed one raises InputError."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f'{path}: no such {what}') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f'{path}: not valid JSON ({e})') from None
+    except OSError as e:
+        raise InputError(f'{path}: cannot read ({e.strerror})') from None
+
+
+def load_coco(path):
+    """pycocotools' COCO index of a caption file; its progress lines are dropped (stdout is for
+    results), its errors become one InputError."""
+    from pycocotools.coco import COCO
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(path)
+    except FileNotFoundError:
+        raise InputError(f'{path}: no such caption file') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f'{path}: not valid JSON ({e})') from None
+    except OSError as e:
+        raise InputError(f'{path}: cannot read ({e.strerror})') from None
+    except KeyError as e:
+        raise InputError(f'{path}: not a COCO caption file (an entry lacks {e})') from None
+    except (AssertionError, TypeError, AttributeError):
+        raise InputError(f"{path}: not a COCO caption file (needs 'images' and 'annotations' lists)") from None
+
+
+def read_captions(path):
+    """Read and check a COCO-format caption file.
+
+    Returns (annotations, images): the list of {'image_id', 'caption', ...} dicts in file
+    order, and a dict image id -> file name. Anything malformed raises InputError.
+    """
+    data = load_coco(path).dataset
+    if not isinstance(data.get('annotations'), list) or not isinstance(data.get('images'), list):
+        raise InputError(f"{path}: not a COCO caption file (needs 'images' and 'annotations' lists)")
+    images = {}
+    for i, image in enumerate(data['images']):
+        if not isinstance(image.get('file_name'), str):
+            raise InputError(f"{path}: images[{i}] lacks a 'file_name'")
+        name = image['file_name']
+        if os.path.isabs(name) or '..' in name.replace('\\', '/').split('/'):
+            raise InputError(f'{path}: images[{i}] file_name {name!r} points outside the image folder')
+        images[image['id']] = name
+    for i, ann in enumerate(data['annotations']):
+        if not isinstance(ann.get('caption'), str):
+            raise InputError(f"{path}: annotations[{i}] lacks a 'caption' string")
+        if ann['image_id'] not in images:
+            raise InputError(f"{path}: annotations[{i}] names image_id {ann['image_id']!r}, which is not in 'images'")
+    return data['annotations'], images
+
+
+def references_by_image(annotations):
+    """{image_id: [caption, ...]} in file order."""
+    references = {}
+    for ann in annotations:
+        references.setdefault(ann['image_id'], []).append(ann['caption'])
+    return references
+
+
+def write_coco(path, names, captions, image_ids):
+    """Write images (file names, in order) and their captions ({name: [caption]}) as a caption file."""
+    images, annotations = [], []
+    for name in names:
+        images.append({'id': image_ids[name], 'file_name': name})
+        for caption in captions[name]:
+            annotations.append({'id': len(annotations) + 1, 'image_id': image_ids[name], 'caption': caption})
+    with atomic_write(path, 'w') as f:
+        json.dump({'images': images, 'annotations': annotations}, f)
+    return len(images), len(annotations)
