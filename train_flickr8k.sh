@@ -1,44 +1,53 @@
 #!/usr/bin/env bash
 # Reproduce the shipped model models/flickr8k/ from the official Flickr8k files, with this repo's
-# own scripts: converter -> vocabulary -> cached features -> training -> export -> evaluation.
+# own scripts: converter -> vocabulary -> cached features -> cross-entropy training -> self-critical
+# training -> export with the decoding that scores best on dev -> dev scores.
 #
 #   bash train_flickr8k.sh DATA_DIR      # DATA_DIR holds Flickr8k.token.txt, the split lists and Images/
 #
-# Seeded; 29 minutes on 2 quiet CPU cores here (features 6, training 21, export and scoring 2).
-# Intermediate files go to WORK_DIR (default data/flickr8k_work); the model is written to OUTPUT_DIR
-# (default models/flickr8k); both relative to the repo.
+# Seeded. Intermediate files go to WORK_DIR (default data/flickr8k_work); the model is written to
+# OUTPUT_DIR (default models/flickr8k); both relative to the repo. PYTHON names the interpreter.
 set -euo pipefail
 DATA_DIR=$(cd "${1:?usage: bash train_flickr8k.sh DATA_DIR}" && pwd)  # absolute: the script moves to the repo
 WORK=${WORK_DIR:-data/flickr8k_work}
 OUT=${OUTPUT_DIR:-models/flickr8k}
-EPOCHS=${EPOCHS:-5}
-PYTHON=${PYTHON:-python}  # the interpreter to run the steps with
+CNN=${CNN:-efficientnet-lite0}
+EPOCHS=${EPOCHS:-5}            # cross-entropy epochs
+SCST_EPOCHS=${SCST_EPOCHS:-3}  # self-critical epochs
+PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
 step() { echo; echo "== [$(( (SECONDS - start) / 60 )) min] $*"; }
 
-step "1/6 COCO-format caption files"
+step "1/7 COCO-format caption files"
 "$PYTHON" prepro_flickr8k.py --data_dir "$DATA_DIR" --output_dir "$WORK"
-step "2/6 vocabulary (words seen at least 5 times in the training captions)"
+step "2/7 vocabulary (words seen at least 5 times in the training captions)"
 "$PYTHON" build_vocab.py --caption_path "$WORK/captions_train.json" --vocab_path "$WORK/vocab.pkl" --threshold 5
-step "3/6 efficientnet-lite0 7x7 feature maps of every train photo and its mirror image, and of every dev photo"
+step "3/7 $CNN feature maps of every train photo and its mirror image, and of every dev photo"
 "$PYTHON" extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_train.json" \
-    --output_dir "$WORK/features_train" --cnn efficientnet-lite0 --image_size 224 --flip --spatial
+    --output_dir "$WORK/features_train" --cnn "$CNN" --flip --spatial
 "$PYTHON" extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_dev.json" \
-    --output_dir "$WORK/features_dev" --cnn efficientnet-lite0 --image_size 224 --spatial
-step "4/6 training the attention decoder, validated on the dev split after every epoch"
-"$PYTHON" train.py --cnn efficientnet-lite0 --decoder attention --embed_size 512 --features "$WORK/features_train" \
-    --caption_path "$WORK/captions_train.json" --val_features "$WORK/features_dev" \
-    --val_caption_path "$WORK/captions_dev.json" --val_images 1000 --vocab_path "$WORK/vocab.pkl" \
-    --model_path "$WORK/models" --num_epochs "$EPOCHS" --dropout 0.5 --lr_decay_every 3 --lr_decay 0.5 \
-    --num_workers 0 --log_step 50 --save_step 100000 --seed 1 --resume latest
-step "5/6 export the best epoch (by dev CIDEr) as float16 with its decode settings"
-"$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-best.ckpt" --decoder_path "$WORK/models/decoder-best.ckpt" \
-    --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" --beam_size 3 --length_penalty 1
-step "6/6 dev-split scores of the exported model, greedy and beam 3"
+    --output_dir "$WORK/features_dev" --cnn "$CNN" --spatial
+common=(--cnn "$CNN" --decoder attention --embed_size 512 --features "$WORK/features_train"
+        --caption_path "$WORK/captions_train.json" --val_features "$WORK/features_dev"
+        --val_caption_path "$WORK/captions_dev.json" --val_images 1000 --vocab_path "$WORK/vocab.pkl"
+        --model_path "$WORK/models" --dropout 0.5 --num_workers 0 --log_step 50 --save_step 100000 --seed 1
+        --resume latest)
+step "4/7 cross-entropy training, validated on the dev split after every epoch"
+"$PYTHON" train.py "${common[@]}" --num_epochs "$EPOCHS" --lr_decay_every 3 --lr_decay 0.5
+step "5/7 self-critical training (CIDEr-D reward, 5 samples per image) from the best cross-entropy epoch"
+"$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$SCST_EPOCHS" \
+    --batch_size 250 --samples 5 --learning_rate 1e-4
+step "6/7 dev scores of the best self-critical epoch (by dev CIDEr), greedy and beam 3"
 for beam in 1 3; do
     "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \
-        --encoder_path "$OUT/encoder.ckpt" --decoder_path "$OUT/decoder.ckpt" --vocab_path "$OUT/vocab.pkl" \
-        --beam_size $beam --output "$WORK/dev_results_beam$beam.json" --scores "$WORK/dev_scores_beam$beam.json"
+        --encoder_path "$WORK/models/encoder-scst-best.ckpt" --decoder_path "$WORK/models/decoder-scst-best.ckpt" \
+        --vocab_path "$WORK/vocab.pkl" --beam_size $beam --length_penalty 1 \
+        --output "$WORK/dev_results_beam$beam.json" --scores "$WORK/dev_scores_beam$beam.json"
 done
+best=$("$PYTHON" -c "import json, sys; s = {b: json.load(open(f'$WORK/dev_scores_beam{b}.json'))['CIDEr'] for b in (1, 3)}; print(max(s, key=s.get))")
+step "7/7 export as float16, decoding with beam $best (the better dev CIDEr) and length penalty 1"
+"$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-scst-best.ckpt" \
+    --decoder_path "$WORK/models/decoder-scst-best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
+    --beam_size "$best" --length_penalty 1
 step "done: $OUT"

@@ -83,12 +83,15 @@ def test_reproduce_script_runs_end_to_end(tmp_path):
     ordered = sorted(names.values())
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
-    env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1'}
+    env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1',
+           'SCST_EPOCHS': '1'}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert '== [' in result.stdout and '6/6' in result.stdout
+    assert '== [' in result.stdout and '7/7' in result.stdout
     assert sorted(os.listdir(tmp_path / 'model')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
-    assert torch.load(tmp_path / 'model' / 'decoder.ckpt', weights_only=True)['config']['decoder'] == 'attention'
+    decoder = torch.load(tmp_path / 'model' / 'decoder.ckpt', weights_only=True)
+    assert decoder['config']['decoder'] == 'attention' and decoder['decoding']['beam_size'] in (1, 3)
+    assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists()
     for beam in (1, 3):
         assert 'CIDEr' in json.load(open(tmp_path / 'work' / f'dev_scores_beam{beam}.json'))

@@ -1,0 +1,106 @@
+"""No <unk> holes, the hole and repeat checks, CIDEr-D, and self-critical training."""
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from captioner import Captioner
+from conftest import TEST_DATA
+from metrics import CiderD, has_hole, repeats_phrase
+from model import AttentionDecoder, DecoderRNN, beam_search, sample
+from test_train import assert_same_weights, final_weights, make_scenes, train_args
+
+UNK, END = 3, 2
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'attention'])
+def test_unk_is_never_generated_when_it_is_the_likeliest_word(kind):
+    torch.manual_seed(0)
+    if kind == 'lstm':
+        decoder, features = DecoderRNN(8, 16, 12, 1).eval(), torch.randn(6, 8)
+    else:
+        decoder, features = AttentionDecoder(8, 16, 12).eval(), torch.randn(6, 5, 8)
+    with torch.no_grad():
+        decoder.linear.bias[UNK] += 5.0  # <unk> is now the most likely word at every step
+        raw = beam_search(decoder, features, END, 1, 10)
+        assert (raw == UNK).float().mean() > 0.5  # unmasked, greedy decoding is mostly <unk>
+        for beam_size in (1, 3):
+            ids = beam_search(decoder, features, END, beam_size, 10, banned=(UNK,))
+            assert ids.numel() and not (ids == UNK).any(), beam_size
+        drawn, log_probs, mask = sample(decoder, features.repeat_interleave(20, 0), END, 10, banned=(UNK,))
+    assert not (drawn == UNK).any() and torch.isfinite(log_probs).all()
+    assert mask[:, 0].all() and ((drawn == END).cumsum(1) <= 1).logical_or(mask == 0).all()
+
+
+def test_holes_and_repeats_are_recognised():
+    holes = ['a man is sitting on a bench in front of a .', 'a dog is jumping over a', 'a dog runs with the .',
+             'a girl is playing with a in a room .', 'a dog runs to the the park .', 'a man in a <unk> shirt .',
+             'a dog is on top of', 'the is running .', 'two dogs play and']
+    fine = ['a man is sitting on a bench in front of a building .', 'a dog runs .', 'a girl in a red shirt .',
+            'a black and white dog is running through the grass']
+    assert [has_hole(c.split()) for c in holes] == [True] * len(holes)
+    assert [has_hole(c.split()) for c in fine] == [False] * len(fine)
+    assert repeats_phrase('a black dog is standing in front of a black dog .'.split())
+    assert repeats_phrase('a race car in a race car'.split())
+    assert not repeats_phrase('a dog and a cat play with a ball .'.split())
+
+
+def test_cider_d_equals_pycocoevalcap_on_real_captions():
+    """pycocoevalcap's Cider scorer computes CIDEr-D (clipped counts, length penalty sigma 6) with
+    document frequencies from the references it scores; given the same references, ours must give
+    the same score for every image (to 1e-9)."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+    data = json.load(open(os.path.join(TEST_DATA, 'captions.json')))
+    references = {}
+    for ann in data['annotations']:
+        references.setdefault(ann['image_id'], []).append(ann['caption'].lower().replace('.', ' ').split())
+    ids = sorted(references)
+    # Candidates: a shortened reference of the image itself, or of the next image (a wrong caption).
+    candidates = {i: references[ids[(k + k % 2) % len(ids)]][k % 5][:4 + k] for k, i in enumerate(ids)}
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for i in ids:
+        scorer += (' '.join(candidates[i]), [' '.join(r) for r in references[i]])
+    _, theirs = scorer.compute_score()
+    ours = CiderD(references)
+    assert [ours.score(i, candidates[i]) for i in ids] == pytest.approx(list(theirs), abs=1e-9)
+    assert max(theirs) > 1 and min(theirs) < 0.5  # right and wrong captions both present
+
+
+def scst_args(folder, model_path, *extra):
+    return train_args(folder, model_path, '--scst', '--batch_size', '8', '--samples', '4', '--log_step', '1', *extra)
+
+
+def test_scst_document_frequencies_come_from_all_training_references(tmp_path):
+    folder = make_scenes(tmp_path)
+    assert train.main(train_args(folder, tmp_path / 'ce', '--num_epochs', '1')) == 0
+    trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'scst', '--init_from',
+                                                       str(tmp_path / 'ce' / 'decoder-1-2.ckpt'))))
+    assert sorted(trainer.cider.refs) == [1, 2, 3, 4]  # every training image, before any batch
+    red = trainer.cider.refs[1]
+    assert len(red) == 2  # both of its captions, <end> counted as a word
+    assert trainer.cider.df[('a',)] == 3 and trainer.cider.df[('<end>',)] == 4 and trainer.cider.df[('red',)] == 1
+    df = dict(trainer.cider.df)
+    assert trainer.train() == 0
+    assert trainer.cider.df == df
+
+
+def test_scst_checkpoints_resume_exactly_and_never_mix_with_cross_entropy_ones(tmp_path, capsys):
+    folder = make_scenes(tmp_path)
+    assert train.main(train_args(folder, tmp_path / 'm', '--num_epochs', '1')) == 0
+    start = str(tmp_path / 'm' / 'decoder-1-2.ckpt')
+    assert train.main(scst_args(folder, tmp_path / 'whole', '--init_from', start, '--num_epochs', '3')) == 0
+    assert train.main(scst_args(folder, tmp_path / 'm', '--init_from', start, '--num_epochs', '1')) == 0
+    assert train.main(scst_args(folder, tmp_path / 'm', '--init_from', start, '--num_epochs', '3',
+                                '--resume', 'latest')) == 0
+    assert 'decoder-scst-1-2.ckpt (epoch 2, step 0 done)' in capsys.readouterr().err
+    for name in ('decoder-scst-3-2.ckpt', 'encoder-scst-3-2.ckpt'):
+        assert_same_weights(final_weights(tmp_path / 'whole', name), final_weights(tmp_path / 'm', name))
+    assert [os.path.basename(p) for p in train.saved_checkpoints(str(tmp_path / 'm'))] == ['decoder-1-2.ckpt']
+    assert [os.path.basename(p) for p in train.saved_checkpoints(str(tmp_path / 'm'), scst=True)] == [
+        'decoder-scst-1-2.ckpt', 'decoder-scst-2-2.ckpt', 'decoder-scst-3-2.ckpt']
+    log = [json.loads(line) for line in open(tmp_path / 'm' / 'scst_log.jsonl')]
+    epochs = [r for r in log if 'mean_reward' in r]
+    assert [r['epoch'] for r in epochs] == [1, 2, 3] and all(0 <= r['hole_rate'] <= 1 for r in epochs)
+    assert (tmp_path / 'm' / 'train_log.jsonl').exists()  # the cross-entropy log is kept
