@@ -90,21 +90,51 @@ class Captioner:
                         allow_unk=args.allow_unk or None)
 
     @torch.inference_mode()
-    def caption_batch(self, inputs, cached=False, decoding=None):
-        """Captions of a batch of normalised images (B, 3, H, W), or of cached backbone features."""
+    def caption_batch(self, inputs, cached=False, decoding=None, with_attention=False):
+        """Captions of a batch of normalised images (B, 3, H, W), or of cached backbone features.
+
+        With `with_attention` (attention decoder), (caption, weights) pairs: the attention weights
+        of the steps that produced the caption's words, (words, h, w), for the caption printed.
+        """
         decoding = decoding or self.decoding
         inputs = inputs.to(self.device, memory_format=torch.channels_last) if not cached else inputs.to(self.device)
         features = self.encoder.project(inputs) if cached else self.encoder(inputs)
         banned = () if decoding.allow_unk else (self.vocab('<unk>'),)
-        ids = beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size, decoding.max_length,
-                          decoding.length_penalty, banned)
-        return [' '.join(self.vocab.words(row)) for row in ids.cpu()]
+        found = beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size, decoding.max_length,
+                            decoding.length_penalty, banned, with_attention)
+        if not with_attention:
+            return [' '.join(self.vocab.words(row)) for row in found.cpu()]
+        ids, weights = found
+        side = round(weights.size(2) ** 0.5)  # the square feature map's side
+        results = []
+        for row, row_weights in zip(ids.tolist(), weights.cpu()):
+            steps = [t for t, i in enumerate(row[:row.index(self.vocab('<end>'))] if self.vocab('<end>') in row else row)
+                     if self.vocab.idx2word[i] not in ('<start>', '<pad>')]
+            words = [self.vocab.idx2word[row[t]] for t in steps]
+            results.append((' '.join(words), row_weights[steps].view(len(steps), side, side)))
+        return results
 
-    def caption(self, image):
-        """The caption of one image: a file path, an open file, or a PIL image."""
+    @torch.inference_mode()
+    def beams(self, image, decoding=None):
+        """Every hypothesis of the beam search for one PIL image, best first: [(caption, score)],
+        the score being sum(log p) / length ** length_penalty."""
+        decoding = decoding or self.decoding
+        features = self.encoder(self.transform(image)[None].to(self.device, memory_format=torch.channels_last))
+        banned = () if decoding.allow_unk else (self.vocab('<unk>'),)
+        ids, scores = beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size,
+                                  decoding.max_length, decoding.length_penalty, banned, n_best=True)
+        return [(' '.join(self.vocab.words(row)), score) for row, score in zip(ids[0].tolist(), scores[0].tolist())]
+
+    @property
+    def has_attention(self):
+        return self.config.decoder == 'attention'
+
+    def caption(self, image, with_attention=False, decoding=None):
+        """The caption of one image (a file path, an open file, or a PIL image); with
+        `with_attention`, (caption, attention weights (words, h, w))."""
         if not hasattr(image, 'getpixel'):
             image = open_image(image)
-        return self.caption_batch(self.transform(image)[None])[0]
+        return self.caption_batch(self.transform(image)[None], decoding=decoding, with_attention=with_attention)[0]
 
     def caption_files(self, paths, batch_size=16, num_workers=2, progress=True):
         """Yield (path, caption) for every file, or (path, ImageError) for one that cannot be read.

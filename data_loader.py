@@ -5,6 +5,7 @@ is an image path (CocoDataset) or a row of the feature cache (FeatureDataset), a
 `load_input(key)` turns it into the encoder's input. Unreadable images yield None,
 which the collate functions drop, so one bad file never stops a long run.
 """
+import functools
 import json
 import os
 import sys
@@ -32,11 +33,17 @@ def eval_transform(image_size, mean, std):
     return transform
 
 
+def at_least(size, image):
+    """The image, squared up to `size` when a side is smaller (so a crop never needs black padding)."""
+    return image if min(image.size) >= size else square(image, max(size, *image.size))
+
+
 def train_transform(crop_size, mean, std):
     """The classic augmentation: a random crop of the resized image and a random mirror."""
     from torchvision import transforms
     return transforms.Compose([
-        transforms.RandomCrop(crop_size, pad_if_needed=True),
+        functools.partial(at_least, crop_size),
+        transforms.RandomCrop(crop_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean, std)])

@@ -277,9 +277,10 @@ def masked(log_probs, banned):
 
 @torch.no_grad()
 def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_penalty=0.0, banned=(),
-                with_attention=False):
+                with_attention=False, n_best=False):
     """Batched beam search; returns (B, steps) word ids of each image's best hypothesis, and with
     `with_attention` also its attention weights (B, steps, L). Beam size 1 is greedy decoding.
+    With `n_best`, every hypothesis instead, best first, (B, K, steps), and their scores (B, K).
 
     All images and beams advance together as one batch of B*K rows. A beam that emits <end>
     is finished: it keeps its score and extends only with <end>. Search stops when every beam
@@ -319,7 +320,11 @@ def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_pe
             kept = attention.gather(1, parent[:, :, None, None].expand_as(attention))
             attention = torch.cat((kept, decoder.attention(state).view(B, K, 1, -1)), 2)
         finished = finished | (tokens == end_id)
-    best = (scores / lengths ** length_penalty).argmax(1)
+    ranked = scores / lengths ** length_penalty
+    if n_best:
+        order = ranked.argsort(1, descending=True)
+        return history.gather(1, order.unsqueeze(2).expand_as(history)), ranked.gather(1, order)
+    best = ranked.argmax(1)
     return (history[images, best], attention[images, best]) if with_attention else history[images, best]
 
 

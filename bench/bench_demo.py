@@ -1,0 +1,116 @@
+"""The web demo under a burst: latency, the server's peak memory, and every answer checked.
+
+Starts demo.py on a free port of 127.0.0.1, sends --requests caption requests from --clients
+concurrent clients (the repo's example photos, a corrupt file, a truncated one), and posts an
+oversized file straight to the upload route; then stops the server. Prints latency percentiles,
+the server's peak resident memory, and how many times it loaded the model; --json writes every
+answer.
+
+    python bench/bench_demo.py           # 50 requests from 8 clients
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from timing import ROOT, machine
+
+PHOTOS = [os.path.join(ROOT, 'png', n) for n in ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg')]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_server(port, *flags):
+    """demo.py on 127.0.0.1:port, once its page answers (the process and its stderr file)."""
+    log = tempfile.TemporaryFile('w+')
+    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port), *flags], cwd=ROOT,
+                              stdout=log, stderr=log, env={**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False'})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f'http://127.0.0.1:{port}/', timeout=2).status_code == 200:
+                return server, log
+        except httpx.HTTPError:
+            assert server.poll() is None, 'demo.py exited early'
+            time.sleep(0.5)
+    raise TimeoutError('demo.py did not answer within 180 s')
+
+
+def peak_memory_mb(pid):
+    with open(f'/proc/{pid}/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
+
+
+def burst(port, files, requests, clients):
+    """Send `requests` caption requests (cycling through `files`) from `clients` threads:
+    [{'file', 'answer', 'seconds'}] in request order."""
+    from gradio_client import Client, handle_file
+
+    def one(i):
+        path = files[i % len(files)]
+        client = Client(f'http://127.0.0.1:{port}/', verbose=False, analytics_enabled=False, download_files=False)
+        start = time.perf_counter()
+        caption, _, _ = client.predict(handle_file(path), 3, 1.0, api_name='/caption')
+        return {'file': os.path.basename(path), 'answer': caption, 'seconds': time.perf_counter() - start}
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(requests)))
+
+
+def post_oversized(port, megabytes):
+    """Post a file over the limit straight to the upload route; returns the HTTP status."""
+    data = b'\xff\xd8' + bytes(int(megabytes * 2 ** 20))
+    response = httpx.post(f'http://127.0.0.1:{port}/gradio_api/upload', files={'files': ('huge.jpg', data)},
+                          timeout=60)
+    return response.status_code
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--requests', type=int, default=50)
+    parser.add_argument('--clients', type=int, default=8)
+    parser.add_argument('--json', help='write every answer here')
+    args = parser.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as work:
+        corrupt, truncated = os.path.join(work, 'corrupt.jpg'), os.path.join(work, 'truncated.jpg')
+        open(corrupt, 'wb').write(b'this is not a photo')
+        open(truncated, 'wb').write(open(PHOTOS[1], 'rb').read()[:5000])
+        server, log = start_server(port, '--max_upload_mb', '2')
+        try:
+            start = time.perf_counter()
+            answers = burst(port, PHOTOS + [corrupt, truncated], args.requests, args.clients)
+            wall = time.perf_counter() - start
+            oversized = post_oversized(port, 3)
+            after = burst(port, PHOTOS[:1], 1, 1)[0]['answer']  # still serving
+            memory = peak_memory_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(30)
+        log.seek(0)
+        loads = log.read().count('model loaded')
+    seconds = sorted(a['seconds'] for a in answers)
+    print(f'{machine()}\n{args.requests} requests from {args.clients} clients in {wall:.1f} s '
+          f'({args.requests / wall:.2f} requests/s)')
+    print(f'  latency: median {statistics.median(seconds):.2f} s, 90th percentile '
+          f'{seconds[int(0.9 * (len(seconds) - 1))]:.2f} s, max {seconds[-1]:.2f} s')
+    print(f'  server peak memory: {memory:.0f} MB; model loaded {loads} time(s)')
+    print(f'  oversized upload (3 MB, limit 2 MB): HTTP {oversized}; answered after it: {after!r}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'answers': answers, 'oversized_status': oversized, 'after': after, 'loads': loads}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,128 @@
+"""A local web page for captioning your own photos (Gradio).
+
+Upload or drop a photo, or click an example: the page shows its caption, the best beams with
+their scores, and (for an attention model) where the model looked for each word. It loads the
+model sample.py would load with the same flags, once, and reads every upload with the same image
+reader, so a photo's caption here is sample.py's.
+
+    python demo.py                # http://127.0.0.1:7860 ; --host 0.0.0.0 to share it on a network
+
+It listens on 127.0.0.1 unless --host says otherwise, sends nothing out (no analytics, no fonts
+or scripts from other sites), deletes each upload once answered, refuses uploads over
+--max_upload_mb (and images over Pillow's pixel limit), and answers one request at a time from a
+queue of --queue_size; beyond it the page says the demo is busy.
+"""
+import argparse
+import io
+import os
+import sys
+
+os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # before gradio is imported
+
+from dataclasses import replace  # noqa: E402
+
+from captioner import Captioner, add_model_args  # noqa: E402
+from errors import InputError  # noqa: E402
+from figures import attention_figure  # noqa: E402
+from images import open_image  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = [os.path.join(HERE, 'png', name) for name in
+            ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg', 'birthday.jpg')]
+MAX_BEAMS = 10
+
+
+def figure_image(image, caption, weights):
+    """The attention figure as a PIL image."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    figure = attention_figure(image, caption.split(), weights)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format='png', dpi=80)
+    plt.close(figure)
+    return Image.open(buffer)
+
+
+class Demo:
+    """What the page calls: one loaded Captioner and the upload limits."""
+
+    def __init__(self, captioner, max_upload_bytes):
+        self.captioner, self.max_upload_bytes = captioner, max_upload_bytes
+
+    def read(self, path):
+        """The uploaded photo, or an InputError naming the problem (never the server's temp path).
+        Uploads are deleted once read; the repo's example photos are kept."""
+        name = os.path.basename(path)
+        try:
+            if os.path.getsize(path) > self.max_upload_bytes:
+                raise InputError(f'{name}: larger than {self.max_upload_bytes // 2 ** 20} MB')
+            return open_image(path)
+        except InputError as e:  # name the file as the user knows it, not by the server's temp path
+            raise InputError(str(e).replace(path, name)) from None
+        finally:
+            if path not in EXAMPLES:
+                os.remove(path)
+
+    def answer(self, path, beam_size, length_penalty):
+        """(caption or one-line message, beams table, attention figure or None) for one upload."""
+        if not path:
+            return 'Upload a photo, or click an example.', [], None
+        try:
+            image = self.read(path)
+        except InputError as e:
+            return f'error: {e}', [], None
+        decoding = replace(self.captioner.decoding, beam_size=max(1, min(MAX_BEAMS, int(beam_size))),
+                           length_penalty=float(length_penalty))
+        beams = [[caption, round(score, 4)] for caption, score in self.captioner.beams(image, decoding)]
+        if not self.captioner.has_attention:
+            return self.captioner.caption(image, decoding=decoding), beams, None
+        caption, weights = self.captioner.caption(image, with_attention=True, decoding=decoding)
+        return caption, beams, figure_image(image, caption, weights)
+
+
+def build_page(demo):
+    import gradio as gr
+    decoding = demo.captioner.decoding
+    with gr.Blocks(title='Show and Tell: caption a photo', analytics_enabled=False,
+                   delete_cache=(600, 600)) as page:
+        gr.Markdown('# Caption a photo\nUpload or drop a photo, or click an example below.')
+        with gr.Row():
+            with gr.Column():
+                photo = gr.File(label='photo', file_types=['image'], type='filepath')
+                beam_size = gr.Slider(1, MAX_BEAMS, value=min(decoding.beam_size, MAX_BEAMS), step=1,
+                                      label='beam size')
+                length_penalty = gr.Slider(0, 2, value=decoding.length_penalty, step=0.1, label='length penalty')
+                button = gr.Button('Caption', variant='primary')
+            with gr.Column():
+                caption = gr.Textbox(label='caption', elem_id='caption')
+                beams = gr.Dataframe(headers=['beam', 'score'], label='best beams', interactive=False,
+                                     column_widths=['82%', '18%'], buttons=[])
+        figure = gr.Image(label='where the model looked, word by word', type='pil', buttons=['download'])
+        gr.Examples(EXAMPLES, inputs=photo)
+        inputs, outputs = [photo, beam_size, length_penalty], [caption, beams, figure]
+        button.click(demo.answer, inputs, outputs, api_name='caption')
+        photo.upload(demo.answer, inputs, outputs, api_visibility='private')
+    return page
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: this machine only)')
+    parser.add_argument('--port', type=int, default=7860)
+    parser.add_argument('--max_upload_mb', type=float, default=10, help='largest upload accepted')
+    parser.add_argument('--queue_size', type=int, default=16, help='requests that may wait for the model')
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        captioner = Captioner.from_args(args)
+    except InputError as e:
+        sys.exit(f'error: {e}')
+    print(f'model loaded: {captioner.config.cnn} + {captioner.config.decoder}', file=sys.stderr, flush=True)
+    page = build_page(Demo(captioner, int(args.max_upload_mb * 2 ** 20)))
+    page.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    page.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2 ** 20),
+                share=False, show_error=False, quiet=True, footer_links=[], ssr_mode=False)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,106 @@
+"""The web demo: a burst of requests against one loaded model, and the page in a real browser."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_script
+
+PHOTOS = [os.path.join(ROOT, 'png', n) for n in ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg')]
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+@pytest.fixture(scope='module')
+def sample_captions():
+    """What `python sample.py --image PHOTO` prints for each photo (the shipped model)."""
+    captions = {}
+    for photo in PHOTOS:
+        result = run_script('sample.py', '--image', photo)
+        assert result.returncode == 0, result.stderr
+        captions[os.path.basename(photo)] = result.stdout.strip()
+    return captions
+
+
+def test_burst_of_requests_is_answered_right_by_one_model(tmp_path, sample_captions):
+    """50 requests from 8 clients (good photos, a corrupt and a truncated file), an oversized upload
+    posted straight to the server: every answer right, the server still serving, one model load."""
+    result = run_script('bench/bench_demo.py', '--requests', '50', '--clients', '8', '--json', str(tmp_path / 'r.json'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / 'r.json'))
+    expected = {**sample_captions, 'corrupt.jpg': 'error: corrupt.jpg: not an image Pillow can read',
+                'truncated.jpg': 'error: truncated.jpg: broken image (OSError: image file is truncated'}
+    answers = report['answers']
+    assert len(answers) == 50
+    for answer in answers:
+        assert answer['answer'].startswith(expected[answer['file']]), answer
+    assert report['oversized_status'] == 413 and report['after'] == sample_captions['example.png']
+    assert report['loads'] == 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo_server():
+    port = free_port()
+    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import httpx
+    deadline = time.time() + 180
+    while True:
+        try:
+            if httpx.get(f'http://127.0.0.1:{port}/', timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            assert server.poll() is None and time.time() < deadline, 'demo.py did not start'
+            time.sleep(0.5)
+    yield f'http://127.0.0.1:{port}/'
+    server.terminate()
+    server.wait(30)
+
+
+def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
+    """Headless Chromium: upload a photo, read the caption; a corrupt file, read the message; a
+    photo again. No request may leave 127.0.0.1."""
+    if CHROMIUM is None:
+        if os.environ.get('CI') == 'true':
+            pytest.fail('CI: Chromium is not installed (apt-get install chromium)')
+        pytest.skip('needs Chromium (Debian package chromium)')
+    from playwright.sync_api import sync_playwright
+    (tmp_path / 'corrupt.jpg').write_bytes(b'this is not a photo')
+    outside = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+            '--disable-component-update', '--disable-sync'])
+        page = browser.new_page(viewport={'width': 1200, 'height': 1100})
+        page.on('request', lambda r: r.url.startswith(demo_server) or r.url.startswith('data:')
+                or outside.append(r.url))
+        page.goto(demo_server)
+        caption = page.locator('#caption textarea')
+
+        def upload(path, expected):
+            clear = page.get_by_role('button', name='Clear')
+            if clear.count():  # the previous photo
+                clear.first.click()
+            page.locator('input[type=file]').first.set_input_files(str(path))
+            deadline = time.time() + 120
+            while not caption.input_value().startswith(expected):
+                assert time.time() < deadline, f'{path}: the page shows {caption.input_value()!r}'
+                page.wait_for_timeout(250)
+            return caption.input_value()
+        assert upload(PHOTOS[1], sample_captions['surfers.jpg']) == sample_captions['surfers.jpg']
+        assert upload(tmp_path / 'corrupt.jpg', 'error:') == 'error: corrupt.jpg: not an image Pillow can read'
+        assert upload(PHOTOS[0], sample_captions['example.png']) == sample_captions['example.png']
+        page.wait_for_timeout(1500)  # let the attention figure arrive
+        page.screenshot(path=os.environ.get('DEMO_SCREENSHOT', str(tmp_path / 'page.png')), full_page=True)
+        browser.close()
+    assert outside == []
