@@ -13,11 +13,11 @@ from checkpoints import atomic_write
 from errors import InputError
 
 
-def read_json(path, what='caption file'):
-    """Load a JSON file; a missing, unreadable or malformed one raises InputError."""
+@contextlib.contextmanager
+def _reading(path, what):
+    """Turn the ways reading a JSON file fails into one InputError naming the file."""
     try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
+        yield
     except FileNotFoundError:
         raise InputError(f'{path}: no such {what}') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -26,19 +26,19 @@ def read_json(path, what='caption file'):
         raise InputError(f'{path}: cannot read ({e.strerror})') from None
 
 
+def read_json(path, what='caption file'):
+    """Load a JSON file; a missing, unreadable or malformed one raises InputError."""
+    with _reading(path, what), open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
 def load_coco(path):
     """pycocotools' COCO index of a caption file; its progress lines are dropped (stdout is for
     results), its errors become one InputError."""
     from pycocotools.coco import COCO
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _reading(path, 'caption file'), contextlib.redirect_stdout(io.StringIO()):
             return COCO(path)
-    except FileNotFoundError:
-        raise InputError(f'{path}: no such caption file') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f'{path}: not valid JSON ({e})') from None
-    except OSError as e:
-        raise InputError(f'{path}: cannot read ({e.strerror})') from None
     except KeyError as e:
         raise InputError(f'{path}: not a COCO caption file (an entry lacks {e})') from None
     except (AssertionError, TypeError, AttributeError):
