@@ -8,7 +8,7 @@ reader, so a photo's caption here is sample.py's.
     python demo.py                # http://127.0.0.1:7860 ; --host 0.0.0.0 to share it on a network
 
 It listens on 127.0.0.1 unless --host says otherwise, sends nothing out (no analytics, no fonts
-or scripts from other sites), deletes each upload once answered, refuses uploads over
+or scripts from other sites), deletes uploads within two minutes, refuses uploads over
 --max_upload_mb (and images over Pillow's pixel limit), and answers one request at a time from a
 queue of --queue_size; beyond it the page says the demo is busy.
 """
@@ -50,8 +50,7 @@ class Demo:
         self.captioner, self.max_upload_bytes = captioner, max_upload_bytes
 
     def read(self, path):
-        """The uploaded photo, or an InputError naming the problem (never the server's temp path).
-        Uploads are deleted once read; the repo's example photos are kept."""
+        """The uploaded photo, or an InputError naming the problem (never the server's temp path)."""
         name = os.path.basename(path)
         try:
             if os.path.getsize(path) > self.max_upload_bytes:
@@ -59,9 +58,6 @@ class Demo:
             return open_image(path)
         except InputError as e:  # name the file as the user knows it, not by the server's temp path
             raise InputError(str(e).replace(path, name)) from None
-        finally:
-            if path not in EXAMPLES:
-                os.remove(path)
 
     def answer(self, path, beam_size, length_penalty):
         """(caption or one-line message, beams table, attention figure or None) for one upload."""
@@ -83,8 +79,10 @@ class Demo:
 def build_page(demo):
     import gradio as gr
     decoding = demo.captioner.decoding
+    # Gradio keeps uploads in a cache shared by identical uploads (so one cannot be deleted while
+    # another request may still read it); every minute it deletes those older than a minute.
     with gr.Blocks(title='Show and Tell: caption a photo', analytics_enabled=False,
-                   delete_cache=(600, 600)) as page:
+                   delete_cache=(60, 60)) as page:
         gr.Markdown('# Caption a photo\nUpload or drop a photo, or click an example below.')
         with gr.Row():
             with gr.Column():
