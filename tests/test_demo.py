@@ -48,23 +48,50 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def demo_server():
+def start_demo(*flags):
+    """demo.py on a free port of 127.0.0.1, once its page answers: (process, address)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port), *flags], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
     deadline = time.time() + 180
     while True:
         try:
             if httpx.get(f'http://127.0.0.1:{port}/', timeout=2).status_code == 200:
-                break
+                return server, f'http://127.0.0.1:{port}/'
         except httpx.HTTPError:
             assert server.poll() is None and time.time() < deadline, 'demo.py did not start'
             time.sleep(0.5)
-    yield f'http://127.0.0.1:{port}/'
+
+
+@pytest.fixture
+def demo_server():
+    server, address = start_demo()
+    yield address
     server.terminate()
     server.wait(30)
+
+
+def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions):
+    """With a queue of 1, of 5 simultaneous requests some are answered and the rest told to retry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+    server, address = start_demo('--queue_size', '1')
+
+    def one(_):
+        client = Client(address, verbose=False, analytics_enabled=False, download_files=False)
+        try:
+            return client.predict(handle_file(PHOTOS[1]), 3, 1.0, api_name='/caption')[0]
+        except Exception as e:  # noqa: BLE001 -- the client's error carries the server's message
+            return str(e)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(one, range(5)))
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert set(answers) == {sample_captions['surfers.jpg'], 'Queue is full! Please try again.'}, answers
 
 
 def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
