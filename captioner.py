@@ -99,9 +99,7 @@ class Captioner:
         decoding = decoding or self.decoding
         inputs = inputs.to(self.device, memory_format=torch.channels_last) if not cached else inputs.to(self.device)
         features = self.encoder.project(inputs) if cached else self.encoder(inputs)
-        banned = () if decoding.allow_unk else (self.vocab('<unk>'),)
-        found = beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size, decoding.max_length,
-                            decoding.length_penalty, banned, with_attention)
+        found = self.search(features, decoding, with_attention=with_attention)
         if not with_attention:
             return [' '.join(self.vocab.words(row)) for row in found.cpu()]
         ids, weights = found
@@ -120,10 +118,14 @@ class Captioner:
         the score being sum(log p) / length ** length_penalty."""
         decoding = decoding or self.decoding
         features = self.encoder(self.transform(image)[None].to(self.device, memory_format=torch.channels_last))
-        banned = () if decoding.allow_unk else (self.vocab('<unk>'),)
-        ids, scores = beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size,
-                                  decoding.max_length, decoding.length_penalty, banned, n_best=True)
+        ids, scores = self.search(features, decoding, n_best=True)
         return [(' '.join(self.vocab.words(row)), score) for row, score in zip(ids[0].tolist(), scores[0].tolist())]
+
+    def search(self, features, decoding, **options):
+        """model.beam_search with `decoding`'s settings; <unk> banned unless it allows it."""
+        banned = () if decoding.allow_unk else (self.vocab('<unk>'),)
+        return beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size, decoding.max_length,
+                           decoding.length_penalty, banned, **options)
 
     @property
     def has_attention(self):
