@@ -103,23 +103,28 @@ class Captioner:
         if not with_attention:
             return [' '.join(self.vocab.words(row)) for row in found.cpu()]
         ids, weights = found
-        side = round(weights.size(2) ** 0.5)  # the square feature map's side
-        results = []
-        for row, row_weights in zip(ids.tolist(), weights.cpu()):
-            steps = [t for t, i in enumerate(row[:row.index(self.vocab('<end>'))] if self.vocab('<end>') in row else row)
-                     if self.vocab.idx2word[i] not in ('<start>', '<pad>')]
-            words = [self.vocab.idx2word[row[t]] for t in steps]
-            results.append((' '.join(words), row_weights[steps].view(len(steps), side, side)))
-        return results
+        return [self.with_weights(row, row_weights) for row, row_weights in zip(ids.tolist(), weights.cpu())]
+
+    def with_weights(self, row, weights):
+        """(caption, weights (words, h, w)) of one hypothesis: the weights of the steps that
+        produced its words, on the square feature map."""
+        end, side = self.vocab('<end>'), round(weights.size(1) ** 0.5)
+        steps = [t for t, i in enumerate(row[:row.index(end)] if end in row else row)
+                 if self.vocab.idx2word[i] not in ('<start>', '<pad>')]
+        return ' '.join(self.vocab.idx2word[row[t]] for t in steps), weights[steps].view(len(steps), side, side)
 
     @torch.inference_mode()
-    def beams(self, image, decoding=None):
-        """Every hypothesis of the beam search for one PIL image, best first: [(caption, score)],
-        the score being sum(log p) / length ** length_penalty."""
+    def describe(self, image, decoding=None):
+        """One beam search for one PIL image: every hypothesis, best first, as [(caption, score)]
+        (score = sum(log p) / length ** length_penalty), then the best one's caption and its
+        attention weights (None without attention)."""
         decoding = decoding or self.decoding
         features = self.encoder(self.transform(image)[None].to(self.device, memory_format=torch.channels_last))
-        ids, scores = self.search(features, decoding, n_best=True)
-        return [(' '.join(self.vocab.words(row)), score) for row, score in zip(ids[0].tolist(), scores[0].tolist())]
+        ids, scores, *weights = self.search(features, decoding, n_best=True, with_attention=self.has_attention)
+        beams = [(' '.join(self.vocab.words(row)), score) for row, score in zip(ids[0].tolist(), scores[0].tolist())]
+        if not weights:
+            return beams, beams[0][0], None
+        return (beams, *self.with_weights(ids[0, 0].tolist(), weights[0][0].cpu()))
 
     def search(self, features, decoding, **options):
         """model.beam_search with `decoding`'s settings; <unk> banned unless it allows it."""

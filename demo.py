@@ -8,14 +8,17 @@ reader, so a photo's caption here is sample.py's.
     python demo.py                # http://127.0.0.1:7860 ; --host 0.0.0.0 to share it on a network
 
 It listens on 127.0.0.1 unless --host says otherwise, sends nothing out (no analytics, no fonts
-or scripts from other sites), deletes uploads within two minutes, refuses uploads over
+or scripts from other sites), deletes each upload once read, refuses uploads over
 --max_upload_mb (and images over Pillow's pixel limit), and answers one request at a time from a
 queue of --queue_size; beyond it the page says the demo is busy.
 """
 import argparse
+import contextlib
+import filecmp
 import io
 import os
 import sys
+import threading
 
 os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # before gradio is imported
 
@@ -30,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in
             ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg', 'birthday.jpg')]
 MAX_BEAMS = 10
+HOLD_SECONDS = 60  # how long what a deleted upload held stays in memory
 
 
 def figure_image(image, caption, weights):
@@ -44,20 +48,57 @@ def figure_image(image, caption, weights):
 
 
 class Demo:
-    """What the page calls: one loaded Captioner and the upload limits."""
+    """What the page calls: one loaded Captioner and the upload limits.
 
-    def __init__(self, captioner, max_upload_bytes):
+    An upload under `upload_dir` is deleted as soon as it has been read. Gradio stores identical
+    uploads as one file, so what was read from it (photo or error) is kept in memory for
+    HOLD_SECONDS, for an identical upload still waiting in the queue.
+    """
+
+    def __init__(self, captioner, max_upload_bytes, upload_dir=None):
         self.captioner, self.max_upload_bytes = captioner, max_upload_bytes
+        self.upload_dir = upload_dir and os.path.realpath(upload_dir)
+        self.recent = {}  # deleted upload's path -> its PIL image or InputError
 
     def read(self, path):
         """The uploaded photo, or an InputError naming the problem (never the server's temp path)."""
+        if path in self.recent and not os.path.exists(path):
+            found = self.recent[path]
+        else:
+            found = self.read_file(path)
+            if os.path.isfile(path) and self.is_upload(path):
+                self.delete(path, found)
+        if isinstance(found, InputError):
+            raise found
+        return found
+
+    def read_file(self, path):
         name = os.path.basename(path)
+        if not os.path.isfile(path):
+            return InputError(f'{name}: no longer on the server; upload it again')
         try:
             if os.path.getsize(path) > self.max_upload_bytes:
                 raise InputError(f'{name}: larger than {self.max_upload_bytes // 2 ** 20} MB')
             return open_image(path)
         except InputError as e:  # name the file as the user knows it, not by the server's temp path
-            raise InputError(str(e).replace(path, name)) from None
+            return InputError(str(e).replace(path, name))
+
+    def is_upload(self, path):
+        """Under the upload folder, and not one of the example photos (Gradio's copies of them)."""
+        if not self.upload_dir or not os.path.realpath(path).startswith(self.upload_dir + os.sep):
+            return False
+        return not any(os.path.basename(path) == os.path.basename(example) and filecmp.cmp(path, example, shallow=False)
+                       for example in EXAMPLES)
+
+    def delete(self, path, found):
+        """Delete an upload (and its folder, when empty), remembering what it held for a while."""
+        os.remove(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
+        self.recent[path] = found
+        forget = threading.Timer(HOLD_SECONDS, self.recent.pop, (path, None))
+        forget.daemon = True
+        forget.start()
 
     def answer(self, path, beam_size, length_penalty):
         """(caption or one-line message, beams table, attention figure or None) for one upload."""
@@ -69,18 +110,16 @@ class Demo:
             return f'error: {e}', [], None
         decoding = replace(self.captioner.decoding, beam_size=max(1, min(MAX_BEAMS, int(beam_size))),
                            length_penalty=float(length_penalty))
-        beams = [[caption, round(score, 4)] for caption, score in self.captioner.beams(image, decoding)]
-        if not self.captioner.has_attention:
-            return self.captioner.caption(image, decoding=decoding), beams, None
-        caption, weights = self.captioner.caption(image, with_attention=True, decoding=decoding)
-        return caption, beams, figure_image(image, caption, weights)
+        beams, caption, weights = self.captioner.describe(image, decoding)
+        table = [[text, round(score, 4)] for text, score in beams]
+        return caption, table, None if weights is None else figure_image(image, caption, weights)
 
 
 def build_page(demo):
     import gradio as gr
     decoding = demo.captioner.decoding
-    # Gradio keeps uploads in a cache shared by identical uploads (so one cannot be deleted while
-    # another request may still read it); every minute it deletes those older than a minute.
+    # Demo deletes each upload once read; every minute Gradio also deletes cached files (its copies
+    # of the examples, the figures it served) older than a minute.
     with gr.Blocks(title='Show and Tell: caption a photo', analytics_enabled=False,
                    delete_cache=(60, 60)) as page:
         gr.Markdown('# Caption a photo\nUpload or drop a photo, or click an example below.')
@@ -116,7 +155,8 @@ def main(argv=None):
     except InputError as e:
         sys.exit(f'error: {e}')
     print(f'model loaded: {captioner.config.cnn} + {captioner.config.decoder}', file=sys.stderr, flush=True)
-    page = build_page(Demo(captioner, int(args.max_upload_mb * 2 ** 20)))
+    from gradio.utils import get_upload_folder
+    page = build_page(Demo(captioner, int(args.max_upload_mb * 2 ** 20), get_upload_folder()))
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2 ** 20),
                 share=False, show_error=False, quiet=True, footer_links=[], ssr_mode=False)

@@ -91,6 +91,7 @@ def extract(args):
     loader = torch.utils.data.DataLoader(todo, batch_size=args.batch_size, num_workers=args.num_workers,
                                          collate_fn=ImageFiles.collate)
     encoder.to(memory_format=torch.channels_last)
+    layers = encoder.folded_backbone()
     saved = time.time()
     with torch.inference_mode(), tqdm(total=len(paths), initial=index['done'], desc='extracting', unit='image',
                                       file=sys.stderr) as bar:
@@ -102,7 +103,7 @@ def extract(args):
                 images = images.to(device, memory_format=torch.channels_last)
                 batches = [images, images.flip(3)] if args.flip else [images]
                 for store, batch in zip(stores, batches):
-                    store[indices] = encoder.backbone_features(batch).cpu().numpy().astype(np.float16)
+                    store[indices] = encoder.backbone_features(batch, layers).cpu().numpy().astype(np.float16)
             index['done'] += len(indices) + len(errors)
             if time.time() - saved > 10 or index['done'] == len(paths):  # progress is kept every 10 s
                 for store in stores:

@@ -467,18 +467,10 @@ class Trainer:
 
     @torch.inference_mode()
     def validate(self):
-        """Validation loss over every caption; greedy BLEU-4, CIDEr and CIDEr-D on the first --val_images."""
+        """Greedy BLEU-4, CIDEr and CIDEr-D on the first --val_images; for cross-entropy training
+        also the validation loss over every caption (self-critical training does not optimise it)."""
         self.model.eval()
-        total, count = 0.0, 0
-        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.args.batch_size,
-                                             num_workers=self.args.num_workers, collate_fn=collate_fn)
-        for batch in tqdm(loader, desc='validation loss', unit='batch', file=sys.stderr, leave=False):
-            if batch is not None:
-                captions = batch[1].to(self.device)
-                targets = pack_padded_sequence(captions, batch[2], batch_first=True).data
-                scores = self.model(batch[0].to(self.device), self.cached, captions, batch[2])
-                total += nn.functional.cross_entropy(scores, targets, reduction='sum').item()
-                count += targets.numel()
+        scores = {} if self.args.scst else {'val_loss': self.validation_loss()}
         captioner = Captioner(self.vocab, self.encoder, self.decoder, self.config, Decoding(), self.device)
         predictions = {}
         images = ImageSet(self.val_set, self.args.val_images)
@@ -489,11 +481,25 @@ class Trainer:
         references = {}
         for _, caption, image_id in self.val_set.samples:
             references.setdefault(image_id, []).append(caption)
-        scores = score(references, predictions, metrics=('Bleu_4', 'CIDEr'))
+        scores.update(score(references, predictions, metrics=('Bleu_4', 'CIDEr')))
         cider = CiderD({i: [tokenize(c) for c in references[i]] for i in predictions})
         scores['CIDEr-D'] = sum(cider.score(i, tokenize(c)) for i, c in predictions.items()) / max(1, len(predictions))
         self.model.train()
-        return {'val_loss': total / max(count, 1), **scores}
+        return scores
+
+    def validation_loss(self):
+        """Cross-entropy per word over every validation caption."""
+        total, count = 0.0, 0
+        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.args.batch_size,
+                                             num_workers=self.args.num_workers, collate_fn=collate_fn)
+        for batch in tqdm(loader, desc='validation loss', unit='batch', file=sys.stderr, leave=False):
+            if batch is not None:
+                captions = batch[1].to(self.device)
+                targets = pack_padded_sequence(captions, batch[2], batch_first=True).data
+                scores = self.model(batch[0].to(self.device), self.cached, captions, batch[2])
+                total += nn.functional.cross_entropy(scores, targets, reduction='sum').item()
+                count += targets.numel()
+        return total / max(count, 1)
 
     def log(self, record):
         """Append a record to the JSONL log (the main process keeps the log)."""

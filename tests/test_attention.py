@@ -48,6 +48,9 @@ def test_weights_are_those_of_the_printed_beam_caption():
     assert torch.allclose(weights.sum((1, 2)), torch.ones(len(words)), atol=1e-5)
     expected = teacher_forced_attention(captioner, image, words).view(len(words), side, side)
     assert torch.allclose(weights, expected, atol=1e-5)
+    beams, described, described_weights = captioner.describe(image)  # the demo's one search
+    assert len(beams) == 3 and beams[0][0] == described == caption and beams[1][0] != caption
+    assert beams[0][1] >= beams[1][1] >= beams[2][1] and torch.equal(described_weights, weights)
     figure = attention_figure(image, words, weights)
     assert len(figure.axes) == len(words) + 1
     assert [ax.get_title() for ax in figure.axes[1:]] == words
