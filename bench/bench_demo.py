@@ -3,14 +3,15 @@
 Starts demo.py on a free port of 127.0.0.1, sends --requests caption requests from --clients
 concurrent clients (the repo's example photos, a corrupt file, a truncated one), and posts an
 oversized file straight to the upload route; then stops the server. Prints latency percentiles,
-the server's peak resident memory, and how many times it loaded the model; --json writes every
-answer.
+the server's peak resident memory, how many times it loaded the model, and the uploads still on
+its disk after answering; --json writes every answer.
 
     python bench/bench_demo.py           # 50 requests from 8 clients
 """
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,11 +33,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(port, *flags):
-    """demo.py on 127.0.0.1:port, once its page answers (the process and its stderr file)."""
+def start_server(port, upload_dir, *flags):
+    """demo.py on 127.0.0.1:port keeping uploads in upload_dir, once its page answers (the process
+    and its stderr file)."""
     log = tempfile.TemporaryFile('w+')
-    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port), *flags], cwd=ROOT,
-                              stdout=log, stderr=log, env={**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False'})
+    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port), *flags], cwd=ROOT, stdout=log,
+                              stderr=log, env={**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False',
+                                               'GRADIO_TEMP_DIR': upload_dir})
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -63,7 +66,8 @@ def burst(port, files, requests, clients):
         client = Client(f'http://127.0.0.1:{port}/', verbose=False, analytics_enabled=False, download_files=False)
         start = time.perf_counter()
         caption, _, _ = client.predict(handle_file(path), 3, 1.0, api_name='/caption')
-        return {'file': os.path.basename(path), 'answer': caption, 'seconds': time.perf_counter() - start}
+        name = os.path.basename(path).removeprefix('upload_')
+        return {'file': name, 'answer': caption, 'seconds': time.perf_counter() - start}
     with ThreadPoolExecutor(clients) as pool:
         return list(pool.map(one, range(requests)))
 
@@ -87,14 +91,19 @@ def main():
         corrupt, truncated = os.path.join(work, 'corrupt.jpg'), os.path.join(work, 'truncated.jpg')
         open(corrupt, 'wb').write(b'this is not a photo')
         open(truncated, 'wb').write(open(PHOTOS[1], 'rb').read()[:5000])
-        server, log = start_server(port, '--max_upload_mb', '2')
+        # the photos under other names: the server deletes uploads but keeps its example photos
+        photos = [shutil.copy(p, os.path.join(work, 'upload_' + os.path.basename(p))) for p in PHOTOS]
+        uploads = os.path.join(work, 'server')  # the server's upload folder
+        server, log = start_server(port, uploads, '--max_upload_mb', '2')
         try:
             start = time.perf_counter()
-            answers = burst(port, PHOTOS + [corrupt, truncated], args.requests, args.clients)
+            answers = burst(port, photos + [corrupt, truncated], args.requests, args.clients)
             wall = time.perf_counter() - start
             oversized = post_oversized(port, 3)
-            after = burst(port, PHOTOS[:1], 1, 1)[0]['answer']  # still serving
+            after = burst(port, photos[:1], 1, 1)[0]['answer']  # still serving
             memory = peak_memory_mb(server.pid)
+            left = sorted(name for _, _, names in os.walk(uploads) for name in names
+                          if name.startswith('upload_') or name in ('corrupt.jpg', 'truncated.jpg'))
         finally:
             server.terminate()
             server.wait(30)
@@ -107,9 +116,11 @@ def main():
           f'{seconds[int(0.9 * (len(seconds) - 1))]:.2f} s, max {seconds[-1]:.2f} s')
     print(f'  server peak memory: {memory:.0f} MB; model loaded {loads} time(s)')
     print(f'  oversized upload (3 MB, limit 2 MB): HTTP {oversized}; answered after it: {after!r}')
+    print(f'  uploads still on the server after answering: {len(left)}')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'answers': answers, 'oversized_status': oversized, 'after': after, 'loads': loads}, f, indent=1)
+            json.dump({'answers': answers, 'oversized_status': oversized, 'after': after, 'loads': loads,
+                       'uploads_left': left}, f, indent=1)
 
 
 if __name__ == '__main__':

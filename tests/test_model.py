@@ -403,3 +403,21 @@ def test_larger_efficientnet_lites_load_offline_and_record_their_input(cnn, size
     assert torch.equal(encoder.backbone.net._conv_stem.weight, shipped['_conv_stem.weight'])
     with torch.no_grad():
         assert encoder.backbone_features(torch.zeros(1, 3, size, size)).shape[2] == 1280
+
+
+@pytest.mark.parametrize('cnn, size', [('efficientnet-lite0', 224), ('resnet18', 64)])
+def test_folded_backbone_gives_the_same_features_without_batchnorm(cnn, size):
+    """extract_features.py's copy of the backbone: no BatchNorm left, the same feature maps, and
+    the encoder itself untouched."""
+    torch.manual_seed(0)
+    encoder = EncoderCNN(8, cnn, pretrained=cnn.startswith('efficientnet'), spatial=True).eval()
+    norms = [m for m in encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if cnn == 'resnet18':  # untrained statistics are the identity; make folding them matter
+        for m in norms:
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    images = torch.randn(3, 3, size, size)
+    layers = encoder.folded_backbone()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in layers.modules())
+    assert len([m for m in encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]) == len(norms) > 15
+    expected = encoder.backbone_features(images)
+    torch.testing.assert_close(encoder.backbone_features(images, layers), expected, atol=1e-4, rtol=1e-4)
