@@ -55,8 +55,11 @@ def load_checkpoint(path):
 
 
 def model_files(path):
-    """The (encoder, decoder) files of the model named by either of them (encoder-X / decoder-X)."""
+    """The (encoder, decoder) files of the model named by either of them: encoder-X / decoder-X,
+    or an exported model's encoder.ckpt / decoder.ckpt."""
     folder, name = os.path.split(path)
+    if name in ('encoder.ckpt', 'decoder.ckpt'):
+        return os.path.join(folder, 'encoder.ckpt'), os.path.join(folder, 'decoder.ckpt')
     suffix = name.split('-', 1)[1] if '-' in name else name
     return os.path.join(folder, 'encoder-' + suffix), os.path.join(folder, 'decoder-' + suffix)
 

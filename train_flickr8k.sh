@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped model models/flickr8k/ from the official Flickr8k files, with this repo's
-# own scripts: converter -> vocabulary -> cached features -> cross-entropy training -> self-critical
-# training -> export with the decoding that scores best on dev -> dev scores.
+# own scripts: converter -> vocabulary -> cached features -> cross-entropy training -> (optional)
+# self-critical training -> dev scores -> export with the decoding that scores best on dev.
 #
 #   bash train_flickr8k.sh DATA_DIR      # DATA_DIR holds Flickr8k.token.txt, the split lists and Images/
 #
@@ -12,8 +12,8 @@ DATA_DIR=$(cd "${1:?usage: bash train_flickr8k.sh DATA_DIR}" && pwd)  # absolute
 WORK=${WORK_DIR:-data/flickr8k_work}
 OUT=${OUTPUT_DIR:-models/flickr8k}
 CNN=${CNN:-efficientnet-lite0}
-EPOCHS=${EPOCHS:-3}            # cross-entropy epochs
-SCST_EPOCHS=${SCST_EPOCHS:-2}  # self-critical epochs
+EPOCHS=${EPOCHS:-5}            # cross-entropy epochs
+SCST_EPOCHS=${SCST_EPOCHS:-0}  # self-critical epochs after them (0: none)
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
@@ -35,19 +35,25 @@ common=(--cnn "$CNN" --decoder attention --embed_size 512 --features "$WORK/feat
         --resume latest)
 step "4/7 cross-entropy training, validated on the dev split after every epoch"
 "$PYTHON" train.py "${common[@]}" --num_epochs "$EPOCHS" --lr_decay_every 3 --lr_decay 0.5
-step "5/7 self-critical training (CIDEr-D reward, 5 samples per image) from the best cross-entropy epoch"
-"$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$SCST_EPOCHS" \
-    --batch_size 250 --samples 5 --learning_rate 1e-4
-step "6/7 dev scores of the best self-critical epoch with beam 3 (greedy's are in scst_log.jsonl)"
+best=best log=train_log.jsonl
+if (( SCST_EPOCHS > 0 )); then
+    step "5/7 self-critical training (CIDEr-D reward, 5 samples per image) from the best cross-entropy epoch"
+    "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$SCST_EPOCHS" \
+        --batch_size 250 --samples 5 --learning_rate 1e-4
+    best=scst-best log=scst_log.jsonl
+else
+    step "5/7 self-critical training: skipped (SCST_EPOCHS=0)"
+fi
+step "6/7 dev scores of the $best checkpoint with beam 3 (greedy scores are in $log)"
 "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \
-    --encoder_path "$WORK/models/encoder-scst-best.ckpt" --decoder_path "$WORK/models/decoder-scst-best.ckpt" \
+    --encoder_path "$WORK/models/encoder-$best.ckpt" --decoder_path "$WORK/models/decoder-$best.ckpt" \
     --vocab_path "$WORK/vocab.pkl" --beam_size 3 --length_penalty 1 \
     --output "$WORK/dev_results_beam3.json" --scores "$WORK/dev_scores_beam3.json"
-best=$("$PYTHON" -c "import json
-greedy = max(r['CIDEr'] for r in map(json.loads, open('$WORK/models/scst_log.jsonl')) if 'CIDEr' in r)
+beam=$("$PYTHON" -c "import json
+greedy = max(r['CIDEr'] for r in map(json.loads, open('$WORK/models/$log')) if 'CIDEr' in r)
 print(1 if greedy > json.load(open('$WORK/dev_scores_beam3.json'))['CIDEr'] else 3)")
-step "7/7 export as float16, decoding with beam $best (the better dev CIDEr) and length penalty 1"
-"$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-scst-best.ckpt" \
-    --decoder_path "$WORK/models/decoder-scst-best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
-    --beam_size "$best" --length_penalty 1
+step "7/7 export as float16, decoding with beam $beam (the better dev CIDEr) and length penalty 1"
+"$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
+    --decoder_path "$WORK/models/decoder-$best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
+    --beam_size "$beam" --length_penalty 1
 step "done: $OUT"

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import captioner
@@ -68,8 +69,10 @@ def test_export_keeps_weights_only_in_float16_with_decode_settings(tiny_model, t
     assert by_default == capsys.readouterr().out  # recorded settings used; float16 weights, same caption
 
 
-def test_reproduce_script_runs_end_to_end(tmp_path):
-    """train_flickr8k.sh on a miniature Flickr8k (real COCO photos, Flickr8k-format files), one epoch."""
+@pytest.mark.parametrize('scst_epochs', ['0', '1'])
+def test_reproduce_script_runs_end_to_end(tmp_path, scst_epochs):
+    """train_flickr8k.sh on a miniature Flickr8k (real COCO photos, Flickr8k-format files): one
+    cross-entropy epoch, then none or one self-critical epoch."""
     data = tmp_path / 'flickr8k'
     shutil.copytree(os.path.join(TEST_DATA, 'images'), data / 'Images')
     captions = json.load(open(os.path.join(TEST_DATA, 'captions.json')))
@@ -84,7 +87,7 @@ def test_reproduce_script_runs_end_to_end(tmp_path):
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
     env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1',
-           'SCST_EPOCHS': '1'}
+           'SCST_EPOCHS': scst_epochs}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -92,8 +95,13 @@ def test_reproduce_script_runs_end_to_end(tmp_path):
     assert sorted(os.listdir(tmp_path / 'model')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
     decoder = torch.load(tmp_path / 'model' / 'decoder.ckpt', weights_only=True)
     assert decoder['config']['decoder'] == 'attention' and decoder['decoding']['beam_size'] in (1, 3)
-    assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists()
+    scst = scst_epochs != '0'
+    assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists() == scst
+    exported = torch.load(tmp_path / 'work' / 'models' / f"decoder-{'scst-' if scst else ''}best.ckpt",
+                          weights_only=True)['model']
+    assert all(torch.equal(w.half().float(), decoder['model'][k].float()) for k, w in exported.items())
     beam3 = json.load(open(tmp_path / 'work' / 'dev_scores_beam3.json'))['CIDEr']
-    log = [json.loads(line) for line in open(tmp_path / 'work' / 'models' / 'scst_log.jsonl')]
+    log_name = 'scst_log.jsonl' if scst else 'train_log.jsonl'
+    log = [json.loads(line) for line in open(tmp_path / 'work' / 'models' / log_name)]
     greedy = max(r['CIDEr'] for r in log if 'CIDEr' in r)
     assert decoder['decoding']['beam_size'] == (1 if greedy > beam3 else 3)  # the better on dev

@@ -420,4 +420,4 @@ def test_folded_backbone_gives_the_same_features_without_batchnorm(cnn, size):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in layers.modules())
     assert len([m for m in encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]) == len(norms) > 15
     expected = encoder.backbone_features(images)
-    torch.testing.assert_close(encoder.backbone_features(images, layers), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(encoder.backbone_features(images, layers), expected, atol=1e-3, rtol=1e-3)

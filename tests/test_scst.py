@@ -87,6 +87,22 @@ def test_scst_document_frequencies_come_from_all_training_references(tmp_path):
     assert trainer.cider.df == df
 
 
+def test_scst_starts_from_an_exported_model(tmp_path):
+    """--init_from accepts export_model.py's decoder.ckpt (float16 weights, loaded as float32)."""
+    import export_model
+    folder = make_scenes(tmp_path)
+    assert train.main(train_args(folder, tmp_path / 'ce', '--num_epochs', '1')) == 0
+    assert export_model.main(['--encoder_path', str(tmp_path / 'ce' / 'encoder-1-2.ckpt'), '--decoder_path',
+                              str(tmp_path / 'ce' / 'decoder-1-2.ckpt'), '--vocab_path', str(folder / 'vocab.pkl'),
+                              '--output_dir', str(tmp_path / 'exported')]) in (0, None)
+    exported = torch.load(tmp_path / 'exported' / 'decoder.ckpt', weights_only=True)['model']
+    trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'scst', '--init_from',
+                                                       str(tmp_path / 'exported' / 'decoder.ckpt'))))
+    for name, weights in trainer.decoder.state_dict().items():
+        assert weights.dtype == torch.float32 and torch.equal(weights, exported[name].float()), name
+    assert trainer.train() == 0
+
+
 def test_scst_checkpoints_resume_exactly_and_never_mix_with_cross_entropy_ones(tmp_path, capsys):
     folder = make_scenes(tmp_path)
     assert train.main(train_args(folder, tmp_path / 'm', '--num_epochs', '1')) == 0
