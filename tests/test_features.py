@@ -56,11 +56,11 @@ def test_extraction_resumes_and_refuses_another_backbone(tmp_path, monkeypatch, 
     calls = []
     real = EncoderCNN.backbone_features
 
-    def dies_on_second_batch(self, images):
+    def dies_on_second_batch(self, images, layers=None):
         calls.append(len(images))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, images)
+        return real(self, images, layers)
     monkeypatch.setattr(EncoderCNN, 'backbone_features', dies_on_second_batch)
 
     class FastClock:  # progress is saved every 10 s: make every batch take 11
