@@ -62,20 +62,19 @@ class Demo:
 
     def read(self, path):
         """The uploaded photo, or an InputError naming the problem (never the server's temp path)."""
-        if path in self.recent and not os.path.exists(path):
-            found = self.recent[path]
-        else:
+        if os.path.isfile(path):
             found = self.read_file(path)
-            if os.path.isfile(path) and self.is_upload(path):
+            if self.is_upload(path):
                 self.delete(path, found)
+        else:  # deleted once an identical upload was read (then held for a while), or never there
+            found = self.recent.get(path, InputError(f'{os.path.basename(path)}: no longer on the server; '
+                                                     'upload it again'))
         if isinstance(found, InputError):
             raise found
         return found
 
     def read_file(self, path):
         name = os.path.basename(path)
-        if not os.path.isfile(path):
-            return InputError(f'{name}: no longer on the server; upload it again')
         try:
             if os.path.getsize(path) > self.max_upload_bytes:
                 raise InputError(f'{name}: larger than {self.max_upload_bytes // 2 ** 20} MB')
