@@ -16,7 +16,8 @@ from checkpoints import load_weights, read_model
 from data_loader import ImageFiles, eval_transform
 from errors import InputError
 from images import ImageError, open_image
-from model import CNN_CHOICES, Decoding, ModelConfig, beam_search, build_networks
+from metrics import ARTICLES, BAD_ENDINGS, PREPOSITIONS
+from model import CNN_CHOICES, CaptionGuard, Decoding, ModelConfig, beam_search, build_networks
 
 CLASSIC_FILES = ('models/encoder-5-3000.pkl', 'models/decoder-5-3000.pkl', 'data/vocab.pkl')
 SHIPPED_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'flickr8k', name)
@@ -26,6 +27,23 @@ SHIPPED_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), '
 def default_model_files():
     """The classic published model if all three of its files are at their classic paths, else the shipped one."""
     return CLASSIC_FILES if all(os.path.exists(p) for p in CLASSIC_FILES) else SHIPPED_FILES
+
+
+def caption_guard(vocab, decoding):
+    """The CaptionGuard of `decoding`'s rules in `vocab`'s word ids. Unless it allows <unk>, no
+    <unk>; unless it allows holes (metrics.has_hole), the caption starts with <start> and has no
+    <start> or <pad> after it, does not end (<end>, or the full stop) right after <start>, an
+    article or of/in/on/with/at/to/and, nor stops on one when cut off, and puts no article before
+    an article, a preposition or is/are; and no phrase of decoding.no_repeat words comes twice."""
+    def ids(words):
+        return [vocab.word2idx[w] for w in words if w in vocab.word2idx]
+    holes = not decoding.allow_holes
+    endings = ids(['<end>', '.'])
+    after = [(ids(BAD_ENDINGS - ARTICLES) + ids(['<start>']), endings),
+             (ids(ARTICLES), endings + ids(ARTICLES | PREPOSITIONS | {'is', 'are'}))] if holes else []
+    banned = ([] if decoding.allow_unk else ids(['<unk>'])) + (ids(['<start>', '<pad>']) if holes else [])
+    return CaptionGuard(len(vocab), banned, after, not_last=ids(BAD_ENDINGS) if holes else [],
+                        no_repeat=decoding.no_repeat, first=ids(['<start>']) if holes else [])
 
 
 def pick_device(name='auto'):
@@ -54,7 +72,7 @@ class Captioner:
 
         Checkpoints written by train.py record their architecture and decoding; the classic plain
         state_dicts are read with `classic`'s sizes. Keyword arguments (beam_size, length_penalty,
-        max_length, allow_unk) override the recorded decoding; None leaves it. Never downloads.
+        max_length, allow_unk, allow_holes, no_repeat) override the recorded decoding; None leaves it. Never downloads.
         """
         defaults = default_model_files()
         encoder_path, decoder_path, vocab_path = (given or default for given, default in
@@ -87,7 +105,8 @@ class Captioner:
                               num_layers=args.num_layers)
         return cls.load(args.encoder_path, args.decoder_path, args.vocab_path, args.device, args.precision, classic,
                         beam_size=args.beam_size, length_penalty=args.length_penalty, max_length=args.max_length,
-                        allow_unk=args.allow_unk or None)
+                        allow_unk=args.allow_unk or None, allow_holes=args.allow_holes or None,
+                        no_repeat=args.no_repeat)
 
     @torch.inference_mode()
     def caption_batch(self, inputs, cached=False, decoding=None, with_attention=False):
@@ -127,10 +146,9 @@ class Captioner:
         return (beams, *self.with_weights(ids[0, 0].tolist(), weights[0][0].cpu()))
 
     def search(self, features, decoding, **options):
-        """model.beam_search with `decoding`'s settings; <unk> banned unless it allows it."""
-        banned = () if decoding.allow_unk else (self.vocab('<unk>'),)
+        """model.beam_search with `decoding`'s settings and guard."""
         return beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size, decoding.max_length,
-                           decoding.length_penalty, banned, **options)
+                           decoding.length_penalty, caption_guard(self.vocab, decoding), **options)
 
     @property
     def has_attention(self):
@@ -182,6 +200,10 @@ def add_model_args(parser):
     decoding.add_argument('--max_length', type=int, help=f'most words generated (default {Decoding.max_length})')
     decoding.add_argument('--allow_unk', action='store_true',
                           help='let the model generate <unk> (printed as a word); by default it never does')
+    decoding.add_argument('--allow_holes', action='store_true', help='let a caption end in an article or '
+                          'preposition, or put an article before one (by default it never does)')
+    decoding.add_argument('--no_repeat', type=int, help='never repeat a phrase of this many words '
+                          f'(0 = allow; default {Decoding.no_repeat})')
     parser.add_argument('--batch_size', type=int, default=16, help='images per batch')
     parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
     parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',

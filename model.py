@@ -57,6 +57,8 @@ class Decoding:
     length_penalty: float = 0.0  # rank finished beams by sum(log p) / length ** length_penalty
     max_length: int = 20  # most words generated
     allow_unk: bool = False  # let the model generate <unk> (masked by default)
+    allow_holes: bool = False  # let a caption end in an article or preposition (metrics.has_hole)
+    no_repeat: int = 3  # never repeat a phrase of this many words (0 = allow repeats)
 
 
 class EfficientNetLite(nn.Module):
@@ -291,15 +293,49 @@ def build_networks(config, pretrained=True, dropout=0.0):
     return encoder, decoder
 
 
-def masked(log_probs, banned):
-    """Log-probabilities with the `banned` word ids made impossible."""
-    if banned:
-        log_probs = log_probs.index_fill(-1, torch.tensor(banned, device=log_probs.device), float('-inf'))
-    return log_probs
+class CaptionGuard:
+    """The words a decoder may not choose next, given each caption so far (as word ids).
+
+    At the first step only the `first` words (when given); after it, `banned` words never; after
+    a word of `after[k][0]`, none of `after[k][1]` (e.g. no full stop right after "a"); at the last
+    step, none of `not_last`; and, with `no_repeat` n, no word that would repeat an n-word phrase
+    already in the caption (the trigram blocking of captioning and summarisation codebases).
+    Greedy, beam search and sampling all apply it, so the printed caption is exactly the decoded words.
+    """
+
+    def __init__(self, vocab_size, banned=(), after=(), not_last=(), no_repeat=0, first=()):
+        self.kind = torch.zeros(vocab_size, dtype=torch.long)  # 0: no rule, k: the words of after[k - 1]
+        self.rules = torch.zeros(len(after) + 1, vocab_size, dtype=torch.bool)  # kind -> words banned next
+        self.rules[:, list(banned)] = True
+        for k, (words, next_banned) in enumerate(after, 1):
+            self.kind[list(words)] = k
+            self.rules[k, list(next_banned)] = True
+        self.first = torch.ones(vocab_size, dtype=torch.bool) if first else self.rules[0].clone()
+        self.first[list(first)] = False
+        self.not_last = torch.zeros(vocab_size, dtype=torch.bool)
+        self.not_last[list(not_last)] = True
+        self.no_repeat = no_repeat
+
+    def __call__(self, log_probs, history, last_step=False):
+        """`log_probs` (N, V) with the banned words at -inf; `history` (N, t): the words so far
+        (None at the first step)."""
+        device = log_probs.device
+        if history is None:
+            return log_probs.masked_fill(self.first.to(device), float('-inf'))
+        banned = self.rules.to(device)[self.kind.to(device)[history[:, -1]]]
+        if last_step:
+            banned |= self.not_last.to(device)
+        n = self.no_repeat
+        if n and history.size(1) >= n:
+            phrases = history.unfold(1, n, 1)  # (N, t - n + 1, n): every n-word phrase so far
+            again = (phrases[:, :, :-1] == history[:, None, 1 - n:]).all(2)  # begins as the caption ends
+            hits = torch.zeros(banned.shape, device=device).scatter_add_(1, phrases[:, :, -1], again.float())
+            banned |= hits > 0
+        return log_probs.masked_fill(banned, float('-inf'))
 
 
 @torch.no_grad()
-def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_penalty=0.0, banned=(),
+def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_penalty=0.0, guard=None,
                 with_attention=False, n_best=False):
     """Batched beam search; returns (B, steps) word ids of each image's best hypothesis, and with
     `with_attention` also its attention weights (B, steps, L). Beam size 1 is greedy decoding.
@@ -309,11 +345,12 @@ def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_pe
     All images and beams advance together as one batch of B*K rows. A beam that emits <end>
     is finished: it keeps its score and extends only with <end>. Search stops when every beam
     of every image is finished, or after max_length steps. Hypotheses are then ranked by
-    sum(log p) / length ** length_penalty. `banned` word ids are never generated.
+    sum(log p) / length ** length_penalty. Words that `guard` (a CaptionGuard) bans are never generated.
     """
     B, K = features.size(0), beam_size
     log_probs, state = decoder.start(features)  # (B, V)
-    log_probs = masked(log_probs, banned)
+    if guard:
+        log_probs = guard(log_probs, None)
     vocab_size = log_probs.size(1)
     scores, tokens = log_probs.topk(min(K, vocab_size), dim=1)  # (B, K)
     if K > vocab_size:  # more beams than words: the extra ones start dead
@@ -328,11 +365,13 @@ def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_pe
     lengths = torch.ones_like(scores)
     done_row = torch.full_like(log_probs[0], float('-inf'))  # a finished beam's one continuation,
     done_row[end_id] = 0.0  # <end>, at no cost
-    for _ in range(max_length - 1):
+    for t in range(1, max_length):
         if finished.all():
             break
         log_probs, state = decoder.step(tokens.reshape(-1), state)
-        log_probs = torch.where(finished.unsqueeze(2), done_row, masked(log_probs, banned).view(B, K, vocab_size))
+        if guard:
+            log_probs = guard(log_probs, history.reshape(B * K, -1), last_step=t == max_length - 1)
+        log_probs = torch.where(finished.unsqueeze(2), done_row, log_probs.view(B, K, vocab_size))
         scores, flat = (scores.unsqueeze(2) + log_probs).view(B, -1).topk(K, dim=1)
         parent, tokens = flat // vocab_size, flat % vocab_size
         finished = finished.gather(1, parent)
@@ -353,8 +392,9 @@ def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_pe
     return (history[images, best], attention[images, best]) if with_attention else history[images, best]
 
 
-def sample(decoder, features, end_id, max_length=20, banned=()):
-    """Draw one caption per row of `features` from the model (multinomial, for self-critical training).
+def sample(decoder, features, end_id, max_length=20, guard=None):
+    """Draw one caption per row of `features` from the model (multinomial, for self-critical
+    training), never a word that `guard` bans.
 
     Returns the word ids (B, steps), <end> after each caption's first <end>; the log-probability
     of each drawn word (B, steps), with gradient; and a mask (B, steps) of the words up to and
@@ -366,7 +406,8 @@ def sample(decoder, features, end_id, max_length=20, banned=()):
     for t in range(max_length):
         if t:
             log_probs, state = decoder.step(words[-1], state)
-        log_probs = masked(log_probs, banned)
+        if guard:
+            log_probs = guard(log_probs, torch.stack(words, 1) if t else None, last_step=t == max_length - 1)
         drawn = torch.multinomial(log_probs.detach().float().exp(), 1).squeeze(1)
         drawn = torch.where(running, drawn, torch.full_like(drawn, end_id))
         words.append(drawn)

@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from tqdm import tqdm
 
 from build_vocab import load_vocab, tokenize
-from captioner import Captioner, pick_device
+from captioner import Captioner, caption_guard, pick_device
 from checkpoints import load_weights, model_files, read_model, write_model
 from data_loader import (CocoDataset, FeatureDataset, GroupedDataset, ImageSet, collate_fn, collate_grouped,
                          eval_transform, read_feature_index, train_transform, training_loader)
@@ -132,11 +132,11 @@ class CaptionModel(nn.Module):
 
     def forward(self, inputs, cached, captions=None, lengths=None, owners=None, sample_with=None):
         """Word scores of `captions` (teacher forcing); or, with `sample_with` (end id, length,
-        banned ids, samples per image), sampled captions and their log-probabilities."""
+        CaptionGuard, samples per image), sampled captions and their log-probabilities."""
         features = self.encode(inputs, cached)
         if sample_with is not None:
-            end_id, max_length, banned, k = sample_with
-            return sample(self.decoder, features.repeat_interleave(k, 0), end_id, max_length, banned), features
+            end_id, max_length, guard, k = sample_with
+            return sample(self.decoder, features.repeat_interleave(k, 0), end_id, max_length, guard), features
         if owners is not None:  # several captions per image: each caption takes its image's row
             features = features[owners]
         return self.decoder(features, captions, lengths)
@@ -288,6 +288,7 @@ class Trainer:
             self.model, device_ids=[local_rank] if self.device.type == 'cuda' else None) if self.world > 1 else self.model
         self.loader = self.make_loader()
         self.cider = CiderD(self.tokenized_references(self.train_set)) if args.scst else None
+        self.guard = caption_guard(self.vocab, Decoding())  # samples obey the rules captions are decoded with
         self.state = RunState()
         self.log_path = os.path.join(args.model_path, log_name(args))
 
@@ -417,14 +418,14 @@ class Trainer:
 
     def scst_loss(self, image_ids, inputs):
         """Self-critical loss: -(reward - baseline) * log p of each sampled caption's words, per word."""
-        k, end_id, unk = self.args.samples, self.vocab('<end>'), self.vocab('<unk>')
+        k, end_id = self.args.samples, self.vocab('<end>')
         (words, log_probs, mask), features = self.ddp(inputs.to(self.device), self.cached,
-                                                      sample_with=(end_id, Decoding.max_length, (unk,), k))
+                                                      sample_with=(end_id, Decoding.max_length, self.guard, k))
         owners = [i for i in image_ids for _ in range(k)]
         rewards = self.rewards(owners, words.cpu())
         if self.args.baseline == 'greedy':
             self.decoder.eval()
-            greedy = beam_search(self.decoder, features.detach(), end_id, 1, Decoding.max_length, banned=(unk,))
+            greedy = beam_search(self.decoder, features.detach(), end_id, 1, Decoding.max_length, guard=self.guard)
             self.decoder.train()
             baseline = self.rewards(image_ids, greedy.cpu(), count=False).repeat_interleave(k)
         else:

@@ -18,7 +18,7 @@ from timing import ROOT, SAMPLE_CAPTIONS, SAMPLE_PHOTOS, machine, median_seconds
 from build_vocab import tokenize
 from captions import read_captions
 from metrics import CiderD
-from model import AttentionDecoder, DecoderRNN, EncoderCNN, beam_search, sample
+from model import AttentionDecoder, CaptionGuard, DecoderRNN, EncoderCNN, beam_search, sample
 
 
 def caption_batch(batch_size, vocab_size, generator):
@@ -77,6 +77,9 @@ def scst_vs_cross_entropy(args, kind):
     params = list(decoder.parameters()) + list(encoder.linear.parameters()) + list(encoder.bn.parameters())
     optimizer = torch.optim.Adam(params)
     targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+    # Random ids stand in for words: ban <unk> (3), and the ids 4-40 as the hole rules' words would be.
+    guard = CaptionGuard(vocab_size, banned=(3,), after=[(range(4, 12), (2,)), (range(12, 16), range(4, 40))],
+                         not_last=range(4, 16), no_repeat=3)
 
     def ce_step():
         loss = nn.functional.cross_entropy(decoder(encoder.project(features)[owners], captions, lengths), targets)
@@ -86,12 +89,12 @@ def scst_vs_cross_entropy(args, kind):
 
     def scst_step(baseline):
         projected = encoder.project(features)
-        drawn, log_probs, mask = sample(decoder, projected.repeat_interleave(5, 0), 2, 20, (3,))
+        drawn, log_probs, mask = sample(decoder, projected.repeat_interleave(5, 0), 2, 20, guard)
         to_words = lambda row: [words[i % len(words)] for i in row]  # random ids stand in for real words
         rewards = torch.tensor([cider.score(ids[i // 5 % len(ids)], to_words(r)) for i, r in enumerate(drawn.tolist())])
         if baseline == 'greedy':
             decoder.eval()
-            greedy = beam_search(decoder, projected.detach(), 2, 1, 20, banned=(3,))
+            greedy = beam_search(decoder, projected.detach(), 2, 1, 20, guard=guard)
             decoder.train()
             base = torch.tensor([cider.score(ids[i % len(ids)], to_words(r)) for i, r in enumerate(greedy.tolist())])
             base = base.repeat_interleave(5)

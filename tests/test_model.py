@@ -20,6 +20,7 @@ from checkpoints import load_checkpoint
 from conftest import ROOT, shared_path
 from data_loader import eval_transform
 from errors import InputError
+from metrics import has_hole, repeats_phrase
 from model import AttentionDecoder, DecoderRNN, EncoderCNN, ModelConfig, beam_search
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -143,9 +144,9 @@ def test_pretrained_resnet_without_network_says_what_to_do(monkeypatch, tmp_path
 CLASSIC_WORDS = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'giraffe', 'standing', 'in', 'the', 'grass', 'tree']
 
 
-def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_size, allow_unk):
+def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_size):
     """What the classic tutorial's sample.py computes, written out independently of the repo's code
-    (without <start> and <end>); unless `allow_unk`, with <unk> (id 3) never chosen."""
+    (without <start> and <end>)."""
     import torchvision.models as tvm
     resnet = tvm.resnet152(weights=None)
     backbone = torch.nn.Sequential(*list(resnet.children())[:-1])
@@ -170,8 +171,6 @@ def classic_reference_caption(image_path, encoder_state, decoder_state, vocab_si
         for _ in range(20):
             hiddens, states = lstm(inputs, states)
             scores = out(hiddens.squeeze(1))
-            if not allow_unk:
-                scores[:, 3] = float('-inf')
             predicted = scores.max(1)[1]
             words.append(CLASSIC_WORDS[predicted.item()])
             inputs = embed(predicted).unsqueeze(1)
@@ -225,21 +224,22 @@ def classic_files(tmp_path_factory):
 
 
 def test_classic_published_files_give_the_classic_caption(classic_files, capsys):
-    """--allow_unk gives the classic sample.py's caption, <unk> and all; by default <unk> is never chosen."""
+    """--allow_unk --allow_holes --no_repeat 0 gives the classic sample.py's caption, <unk> and all;
+    by default <unk> is never chosen, and no caption has a hole or a repeated phrase."""
     folder, enc_state, dec_state, images = classic_files
     with open(folder / 'encoder-5-3000.pkl', 'rb') as f:
         assert f.read(2) != b'PK'  # legacy format, not a zip
     captions = {True: [], False: []}
     for image in images:
-        for allow_unk in (True, False):
+        for raw in (True, False):
             sample.main(['--image', image, '--encoder_path', str(folder / 'encoder-5-3000.pkl'),
                          '--decoder_path', str(folder / 'decoder-5-3000.pkl'), '--vocab_path', str(folder / 'vocab.pkl'),
-                         '--device', 'cpu'] + (['--allow_unk'] if allow_unk else []))
-            caption = capsys.readouterr().out
-            assert caption == classic_reference_caption(image, enc_state, dec_state, len(CLASSIC_WORDS), allow_unk) + '\n'
-            captions[allow_unk].append(caption)
+                         '--device', 'cpu'] + (['--allow_unk', '--allow_holes', '--no_repeat', '0'] if raw else []))
+            captions[raw].append(capsys.readouterr().out)
+        assert captions[True][-1] == classic_reference_caption(image, enc_state, dec_state, len(CLASSIC_WORDS)) + '\n'
     assert len(set(captions[True])) > 1  # the captions really depend on the image
-    assert any('<unk>' in c for c in captions[True]) and not any('<unk>' in c for c in captions[False])
+    assert any('<unk>' in c for c in captions[True]) and any(repeats_phrase(c.split()) for c in captions[True])
+    assert not any('<unk>' in c or has_hole(c.split()) or repeats_phrase(c.split()) for c in captions[False])
 
 
 def test_classic_files_with_wrong_vocab_name_both_sizes(classic_files, tmp_path):

@@ -7,10 +7,11 @@ import torch
 
 import train
 from build_vocab import tokenize
-from captioner import Captioner
+from build_vocab import Vocabulary
+from captioner import Captioner, caption_guard
 from conftest import TEST_DATA
 from metrics import CiderD, has_hole, repeats_phrase
-from model import AttentionDecoder, DecoderRNN, beam_search, sample
+from model import AttentionDecoder, CaptionGuard, DecoderRNN, Decoding, beam_search, sample
 from test_train import assert_same_weights, final_weights, make_scenes, train_args
 
 UNK, END = 3, 2
@@ -28,11 +29,67 @@ def test_unk_is_never_generated_when_it_is_the_likeliest_word(kind):
         raw = beam_search(decoder, features, END, 1, 10)
         assert (raw == UNK).float().mean() > 0.5  # unmasked, greedy decoding is mostly <unk>
         for beam_size in (1, 3):
-            ids = beam_search(decoder, features, END, beam_size, 10, banned=(UNK,))
+            ids = beam_search(decoder, features, END, beam_size, 10, guard=CaptionGuard(12, banned=(UNK,)))
             assert ids.numel() and not (ids == UNK).any(), beam_size
-        drawn, log_probs, mask = sample(decoder, features.repeat_interleave(20, 0), END, 10, banned=(UNK,))
+        drawn, log_probs, mask = sample(decoder, features.repeat_interleave(20, 0), END, 10, CaptionGuard(12, banned=(UNK,)))
     assert not (drawn == UNK).any() and torch.isfinite(log_probs).all()
     assert mask[:, 0].all() and ((drawn == END).cumsum(1) <= 1).logical_or(mask == 0).all()
+
+
+GUARD_WORDS = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'the', 'dog', 'runs', 'on', 'grass', 'is', '.', 'with']
+# A decoder whose next word depends only on the last one (logits), built to make holes and repeats:
+# "a ." and "on <end>" are its likeliest endings, and "a dog on the dog on the ..." its likeliest loop.
+BIGRAMS = {'<start>': {'a': 3, '.': 2, '<end>': 2, '<unk>': 2.5}, 'a': {'.': 3, '<unk>': 2.8, 'the': 2, 'dog': 2.5},
+           'dog': {'on': 3, 'runs': 2, '.': 1}, 'on': {'<end>': 3, 'the': 2.5, 'a': 2}, 'the': {'dog': 3, 'grass': 2.5},
+           'runs': {'on': 3, 'with': 2}, 'grass': {'.': 3, 'with': 2}, 'is': {'on': 3}, 'with': {'a': 3, '<end>': 2.5},
+           '.': {'<end>': 5}}
+
+
+class BigramDecoder:
+    """The decoder interface of model.py (start, step, select, attention) over a table of logits."""
+
+    def __init__(self):
+        self.table = torch.zeros(len(GUARD_WORDS), len(GUARD_WORDS))
+        for word, following in BIGRAMS.items():
+            for nxt, logit in following.items():
+                self.table[GUARD_WORDS.index(word), GUARD_WORDS.index(nxt)] = logit
+
+    def start(self, features):
+        first = torch.full((features.size(0), len(GUARD_WORDS)), -9.0)
+        first[:, 1] = 0.0  # <start>
+        return first.log_softmax(1), torch.zeros(features.size(0))
+
+    def step(self, words, state):
+        return self.table[words].log_softmax(1), state
+
+    @staticmethod
+    def select(state, rows):
+        return state[rows]
+
+
+def test_guarded_decoding_never_makes_a_hole_or_repeats_a_phrase():
+    """Unguarded, the bigram decoder's greedy, beam and sampled captions have holes, <unk> and
+    repeated phrases; with the default Decoding's guard (metrics' definitions), none of them."""
+    vocab = Vocabulary()
+    for word in GUARD_WORDS:
+        vocab.add_word(word)
+    decoder, features = BigramDecoder(), torch.zeros(50, 1)
+    torch.manual_seed(0)
+
+    def captions(decoding):
+        guard = caption_guard(vocab, decoding)
+        found = [beam_search(decoder, features[:1], 2, beam_size, 12, guard=guard) for beam_size in (1, 3)]
+        found.append(sample(decoder, features, 2, 12, guard)[0])
+        return [[vocab.words(row) for row in ids.tolist()] for ids in found]
+    raw = captions(Decoding(allow_unk=True, allow_holes=True, no_repeat=0))
+    assert raw[0] == [['a', '.']] and raw[1] == [['.']]  # both holes
+    assert sum(map(has_hole, raw[2])) > 10 and any('<unk>' in w for w in raw[2])
+    assert any(repeats_phrase(w) for w in raw[2])
+    guarded = captions(Decoding())
+    for name, words in zip(('greedy', 'beam 3', 'sampled'), guarded):
+        assert not any(has_hole(w) or repeats_phrase(w) for w in words), (name, [' '.join(w) for w in words])
+    # "dog on the" may not come twice, nor "a dog on"; cut off at 12 steps, it may not stop on "the".
+    assert guarded[0] == [['a', 'dog', 'on', 'the', 'dog', 'on', 'a', 'dog', 'runs', 'on', 'grass']]
 
 
 def test_holes_and_repeats_are_recognised():
