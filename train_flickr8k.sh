@@ -35,23 +35,24 @@ common=(--cnn "$CNN" --decoder attention --embed_size 512 --features "$WORK/feat
         --resume latest)
 step "4/7 cross-entropy training, validated on the dev split after every epoch"
 "$PYTHON" train.py "${common[@]}" --num_epochs "$EPOCHS" --lr_decay_every 3 --lr_decay 0.5
-best=best log=train_log.jsonl
 if (( SCST_EPOCHS > 0 )); then
     step "5/7 self-critical training (CIDEr-D reward, 5 samples per image) from the best cross-entropy epoch"
     "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$SCST_EPOCHS" \
         --batch_size 250 --samples 5 --learning_rate 1e-4
-    best=scst-best log=scst_log.jsonl
 else
     step "5/7 self-critical training: skipped (SCST_EPOCHS=0)"
 fi
-step "6/7 dev scores of the $best checkpoint with beam 3 (greedy scores are in $log)"
+# The better of the two stages by greedy dev CIDEr (logged after every epoch), and that CIDEr.
+read -r best greedy < <("$PYTHON" -c "import json
+def cider(log): return max(r['CIDEr'] for r in map(json.loads, open('$WORK/models/' + log)) if 'CIDEr' in r)
+ce, scst = cider('train_log.jsonl'), cider('scst_log.jsonl') if $SCST_EPOCHS > 0 else -1
+print(*(('scst-best', scst) if scst > ce else ('best', ce)))")
+step "6/7 dev scores of the $best checkpoint (greedy dev CIDEr $greedy) with beam 3"
 "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \
     --encoder_path "$WORK/models/encoder-$best.ckpt" --decoder_path "$WORK/models/decoder-$best.ckpt" \
     --vocab_path "$WORK/vocab.pkl" --beam_size 3 --length_penalty 1 \
     --output "$WORK/dev_results_beam3.json" --scores "$WORK/dev_scores_beam3.json"
-beam=$("$PYTHON" -c "import json
-greedy = max(r['CIDEr'] for r in map(json.loads, open('$WORK/models/$log')) if 'CIDEr' in r)
-print(1 if greedy > json.load(open('$WORK/dev_scores_beam3.json'))['CIDEr'] else 3)")
+beam=$("$PYTHON" -c "import json; print(1 if $greedy > json.load(open('$WORK/dev_scores_beam3.json'))['CIDEr'] else 3)")
 step "7/7 export as float16, decoding with beam $beam (the better dev CIDEr) and length penalty 1"
 "$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
     --decoder_path "$WORK/models/decoder-$best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
