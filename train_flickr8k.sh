@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the shipped model models/flickr8k/ from the official Flickr8k files, with this repo's
-# own scripts: converter -> vocabulary -> cached features -> cross-entropy training -> (optional)
+# own scripts: converter -> vocabulary -> cached features -> cross-entropy training ->
 # self-critical training -> dev scores -> export with the decoding that scores best on dev.
 #
 #   bash train_flickr8k.sh DATA_DIR      # DATA_DIR holds Flickr8k.token.txt, the split lists and Images/
@@ -13,7 +13,7 @@ WORK=${WORK_DIR:-data/flickr8k_work}
 OUT=${OUTPUT_DIR:-models/flickr8k}
 CNN=${CNN:-efficientnet-lite0}
 EPOCHS=${EPOCHS:-5}            # cross-entropy epochs
-SCST_EPOCHS=${SCST_EPOCHS:-0}  # self-critical epochs after them (0: none)
+SCST_EPOCHS=${SCST_EPOCHS:-1}  # self-critical epochs after them (0: none)
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
