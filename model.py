@@ -320,11 +320,14 @@ class CaptionGuard:
         """`log_probs` (N, V) with the banned words at -inf; `history` (N, t): the words so far
         (None at the first step)."""
         device = log_probs.device
+        if self.kind.device != device:  # moved once, not at every step
+            self.kind, self.rules, self.first, self.not_last = (
+                t.to(device) for t in (self.kind, self.rules, self.first, self.not_last))
         if history is None:
-            return log_probs.masked_fill(self.first.to(device), float('-inf'))
-        banned = self.rules.to(device)[self.kind.to(device)[history[:, -1]]]
+            return log_probs.masked_fill(self.first, float('-inf'))
+        banned = self.rules[self.kind[history[:, -1]]]
         if last_step:
-            banned |= self.not_last.to(device)
+            banned |= self.not_last
         n = self.no_repeat
         if n and history.size(1) >= n:
             phrases = history.unfold(1, n, 1)  # (N, t - n + 1, n): every n-word phrase so far

@@ -288,7 +288,8 @@ class Trainer:
             self.model, device_ids=[local_rank] if self.device.type == 'cuda' else None) if self.world > 1 else self.model
         self.loader = self.make_loader()
         self.cider = CiderD(self.tokenized_references(self.train_set)) if args.scst else None
-        self.guard = caption_guard(self.vocab, Decoding())  # samples obey the rules captions are decoded with
+        # self-critical samples obey the rules captions are decoded with
+        self.guard = caption_guard(self.vocab, Decoding()) if args.scst else None
         self.state = RunState()
         self.log_path = os.path.join(args.model_path, log_name(args))
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import train
-from build_vocab import tokenize
-from build_vocab import Vocabulary
+from build_vocab import Vocabulary, tokenize
 from captioner import Captioner, caption_guard
 from conftest import TEST_DATA
 from metrics import CiderD, has_hole, repeats_phrase
