@@ -13,7 +13,7 @@ import torch
 
 from build_vocab import load_vocab
 from checkpoints import load_weights, read_model
-from data_loader import ImageFiles, eval_transform
+from data_loader import FeatureDataset, ImageFiles, ImageSet, eval_transform
 from errors import InputError
 from images import ImageError, open_image
 from metrics import ARTICLES, BAD_ENDINGS, PREPOSITIONS
@@ -123,6 +123,19 @@ class Captioner:
             return [' '.join(self.vocab.words(row)) for row in found.cpu()]
         ids, weights = found
         return [self.with_weights(row, row_weights) for row, row_weights in zip(ids.tolist(), weights.cpu())]
+
+    def caption_dataset(self, dataset, limit=None, batch_size=64, num_workers=0):
+        """{image_id: caption} of the distinct images of a caption data set (the first `limit`),
+        from its cached features (a FeatureDataset) or its images."""
+        from tqdm import tqdm
+        cached = isinstance(dataset, FeatureDataset)
+        loader = torch.utils.data.DataLoader(ImageSet(dataset, limit), batch_size=batch_size,
+                                             num_workers=num_workers, collate_fn=ImageSet.collate)
+        predictions = {}
+        for batch in tqdm(loader, desc='captioning', unit='batch', file=sys.stderr, leave=False):
+            if batch is not None:
+                predictions.update(zip(batch[0], self.caption_batch(batch[1], cached=cached)))
+        return predictions
 
     def with_weights(self, row, weights):
         """(caption, weights (words, h, w)) of one hypothesis: the weights of the steps that

@@ -6,7 +6,12 @@ as papers report them. The tokenizer, METEOR and SPICE run on Java; without `jav
 the tokenizer is approximated in Python and METEOR and SPICE are skipped (said so).
 
     python evaluate.py --caption_path ANN.json --image_dir DIR --output results.json --scores scores.json
+    python evaluate.py --caption_path ANN.json --features CACHE --output results.json --scores scores.json
     python evaluate.py --caption_path ANN.json --results results.json --scores scores.json
+
+With --features, the split's images are read from a feature cache that extract_features.py made
+with the model's backbone, input size and normalisation: only the decoder runs, so comparing
+beam sizes or length penalties takes seconds per setting instead of a pass of the backbone.
 """
 import argparse
 import json
@@ -15,6 +20,7 @@ import sys
 
 from captioner import Captioner, add_model_args
 from captions import read_captions, read_json, references_by_image
+from data_loader import FeatureDataset, read_feature_index
 from errors import InputError
 from images import ImageError
 from metrics import score
@@ -55,12 +61,25 @@ def caption_split(captioner, images, image_dir, batch_size=16, num_workers=2):
     return predictions
 
 
+def caption_cache(captioner, caption_path, folder, batch_size=64):
+    """Caption the split's images from a feature cache made for this model; returns {image_id: caption}."""
+    config = captioner.config
+    index = read_feature_index(folder, config.cnn, captioner.has_attention)
+    cached = (index['image_size'], tuple(index['mean']), tuple(index['std']))
+    if cached != (config.image_size, config.mean, config.std):
+        raise InputError(f'{folder}: cached at input size {cached[0]} with normalisation {cached[1:]}, but the '
+                         f'model reads {config.image_size} with {(config.mean, config.std)}')
+    return captioner.caption_dataset(FeatureDataset(folder, caption_path, captioner.vocab), batch_size=batch_size)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--caption_path', default='data/annotations/captions_val2014.json',
                         help='COCO-format reference captions of the split')
     parser.add_argument('--image_dir', default='data/val2014', help="the split's images")
+    parser.add_argument('--features', help="caption from this feature cache of the split's images "
+                                           '(extract_features.py) instead of --image_dir')
     parser.add_argument('--results', help='score this existing results file instead of captioning')
     parser.add_argument('--output', default='results.json', help='where to write the predictions (COCO results)')
     parser.add_argument('--scores', default='scores.json', help='where to write the scores (JSON)')
@@ -72,7 +91,9 @@ def main(argv=None):
             predictions = read_results(args.results, images)
         else:
             captioner = Captioner.from_args(args)
-            predictions = caption_split(captioner, images, args.image_dir, args.batch_size, args.num_workers)
+            predictions = caption_cache(captioner, args.caption_path, args.features, args.batch_size) \
+                if args.features else caption_split(captioner, images, args.image_dir, args.batch_size,
+                                                    args.num_workers)
             with open(args.output, 'w') as f:
                 json.dump([{'image_id': i, 'caption': c} for i, c in predictions.items()], f)
     except InputError as e:

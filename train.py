@@ -65,6 +65,8 @@ def parse_args(argv=None):
     model.add_argument('--num_layers', type=int, default=ModelConfig.num_layers, help='LSTM layers (lstm only)')
     model.add_argument('--dropout', type=float, default=0, help='decoder dropout (0 = classic)')
     parser.add_argument('--num_epochs', type=int, default=5)
+    parser.add_argument('--epoch_steps', type=int, default=0, help='end each epoch after this many batches, a '
+                        'random part of the data (0 = all of it)')
     parser.add_argument('--batch_size', type=int, default=128, help='captions per batch (per process)')
     parser.add_argument('--num_workers', type=int, default=2, help='data loading processes')
     parser.add_argument('--learning_rate', type=float, default=0.001)
@@ -341,6 +343,7 @@ class Trainer:
                 contextlib.nullcontext() as self.log_file:
             while state.epoch <= args.num_epochs:
                 sampler, total = self.loader.sampler, math.ceil(self.loader.sampler.num_samples / self.per_batch)
+                total = min(total, args.epoch_steps or total)
                 sampler.set_epoch(state.epoch)
                 sampler.start = state.step * self.per_batch
                 self.set_learning_rate()
@@ -361,6 +364,8 @@ class Trainer:
                         print(f'stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch} step '
                               f'{state.step}; continue with --resume latest', file=sys.stderr)
                         return 128 + stop.signum
+                    if epoch_done:
+                        break
                 bar.close()
                 if self.world > 1:
                     dist.barrier()
@@ -474,12 +479,8 @@ class Trainer:
         self.model.eval()
         scores = {} if self.args.scst else {'val_loss': self.validation_loss()}
         captioner = Captioner(self.vocab, self.encoder, self.decoder, self.config, Decoding(), self.device)
-        predictions = {}
-        images = ImageSet(self.val_set, self.args.val_images)
-        for batch in torch.utils.data.DataLoader(images, batch_size=self.args.batch_size,
-                                                 num_workers=self.args.num_workers, collate_fn=ImageSet.collate):
-            if batch is not None:
-                predictions.update(zip(batch[0], captioner.caption_batch(batch[1], cached=self.cached)))
+        predictions = captioner.caption_dataset(self.val_set, self.args.val_images, self.args.batch_size,
+                                                self.args.num_workers)
         references = {}
         for _, caption, image_id in self.val_set.samples:
             references.setdefault(image_id, []).append(caption)

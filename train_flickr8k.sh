@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped model models/flickr8k/ from the official Flickr8k files, with this repo's
 # own scripts: converter -> vocabulary -> cached features -> cross-entropy training ->
-# self-critical training -> dev scores -> export with the decoding that scores best on dev.
+# self-critical training -> dev scores -> export of the stage and decoding that score best on dev.
 #
 #   bash train_flickr8k.sh DATA_DIR      # DATA_DIR holds Flickr8k.token.txt, the split lists and Images/
 #
@@ -13,7 +13,7 @@ WORK=${WORK_DIR:-data/flickr8k_work}
 OUT=${OUTPUT_DIR:-models/flickr8k}
 CNN=${CNN:-efficientnet-lite0}
 EPOCHS=${EPOCHS:-5}            # cross-entropy epochs
-SCST_EPOCHS=${SCST_EPOCHS:-1}  # self-critical epochs after them (0: none)
+SCST_STEPS=${SCST_STEPS:-60}   # self-critical batches after them, at most one epoch (120); 0: none
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
@@ -23,9 +23,9 @@ step "1/7 COCO-format caption files"
 "$PYTHON" prepro_flickr8k.py --data_dir "$DATA_DIR" --output_dir "$WORK"
 step "2/7 vocabulary (words seen at least 5 times in the training captions)"
 "$PYTHON" build_vocab.py --caption_path "$WORK/captions_train.json" --vocab_path "$WORK/vocab.pkl" --threshold 5
-step "3/7 $CNN feature maps of every train photo and its mirror image, and of every dev photo"
+step "3/7 $CNN feature maps of every train and dev photo"
 "$PYTHON" extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_train.json" \
-    --output_dir "$WORK/features_train" --cnn "$CNN" --flip --spatial
+    --output_dir "$WORK/features_train" --cnn "$CNN" --spatial
 "$PYTHON" extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_dev.json" \
     --output_dir "$WORK/features_dev" --cnn "$CNN" --spatial
 common=(--cnn "$CNN" --decoder attention --embed_size 512 --features "$WORK/features_train"
@@ -35,25 +35,32 @@ common=(--cnn "$CNN" --decoder attention --embed_size 512 --features "$WORK/feat
         --resume latest)
 step "4/7 cross-entropy training, validated on the dev split after every epoch"
 "$PYTHON" train.py "${common[@]}" --num_epochs "$EPOCHS" --lr_decay_every 3 --lr_decay 0.5
-if (( SCST_EPOCHS > 0 )); then
-    step "5/7 self-critical training (CIDEr-D reward, 5 samples per image) from the best cross-entropy epoch"
-    "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$SCST_EPOCHS" \
-        --batch_size 250 --samples 5 --learning_rate 1e-4
+if (( SCST_STEPS > 0 )); then
+    step "5/7 self-critical training (CIDEr-D reward, 5 samples per photo), $SCST_STEPS steps from the best cross-entropy epoch"
+    "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs 1 \
+        --epoch_steps "$SCST_STEPS" --batch_size 250 --samples 5 --learning_rate 1e-4
+    stages=(best scst-best)
 else
-    step "5/7 self-critical training: skipped (SCST_EPOCHS=0)"
+    step "5/7 self-critical training: skipped (SCST_STEPS=0)"
+    stages=(best)
 fi
-# The better of the two stages by greedy dev CIDEr (logged after every epoch), and that CIDEr.
-read -r best greedy < <("$PYTHON" -c "import json
-def cider(log): return max(r['CIDEr'] for r in map(json.loads, open('$WORK/models/' + log)) if 'CIDEr' in r)
-ce, scst = cider('train_log.jsonl'), cider('scst_log.jsonl') if $SCST_EPOCHS > 0 else -1
-print(*(('scst-best', scst) if scst > ce else ('best', ce)))")
-step "6/7 dev scores of the $best checkpoint (greedy dev CIDEr $greedy) with beam 3"
-"$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --image_dir "$DATA_DIR/Images" \
-    --encoder_path "$WORK/models/encoder-$best.ckpt" --decoder_path "$WORK/models/decoder-$best.ckpt" \
-    --vocab_path "$WORK/vocab.pkl" --beam_size 3 --length_penalty 1 \
-    --output "$WORK/dev_results_beam3.json" --scores "$WORK/dev_scores_beam3.json"
-beam=$("$PYTHON" -c "import json; print(1 if $greedy > json.load(open('$WORK/dev_scores_beam3.json'))['CIDEr'] else 3)")
-step "7/7 export as float16, decoding with beam $beam (the better dev CIDEr) and length penalty 1"
+step "6/7 dev scores of each stage's best checkpoint with beam 3 (greedy: logged in training)"
+for stage in "${stages[@]}"; do
+    "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --features "$WORK/features_dev" \
+        --encoder_path "$WORK/models/encoder-$stage.ckpt" --decoder_path "$WORK/models/decoder-$stage.ckpt" \
+        --vocab_path "$WORK/vocab.pkl" --beam_size 3 --length_penalty 1 \
+        --output "$WORK/dev_results_$stage-beam3.json" --scores "$WORK/dev_scores_$stage-beam3.json"
+done
+# The stage and beam size (greedy, from the training logs, or 3) with the best dev CIDEr.
+read -r best beam cider < <("$PYTHON" -c "import json
+logs = {'best': 'train_log.jsonl', 'scst-best': 'scst_log.jsonl'}
+found = []
+for stage in '${stages[*]}'.split():
+    log = map(json.loads, open('$WORK/models/' + logs[stage]))
+    found.append((stage, 1, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
+    found.append((stage, 3, json.load(open(f'$WORK/dev_scores_{stage}-beam3.json'))['CIDEr']))
+print(*max(found, key=lambda f: f[2]))")
+step "7/7 export of the $best checkpoint as float16, decoding with beam $beam and length penalty 1 (dev CIDEr $cider)"
 "$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
     --decoder_path "$WORK/models/decoder-$best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
     --beam_size "$beam" --length_penalty 1

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 import evaluate
+import extract_features
 import metrics
 import prepro_flickr8k
 import prepro_karpathy
@@ -92,6 +93,28 @@ def test_caption_and_score_a_split_with_a_model(tiny_model, tmp_path, capsys):
         scores[beam] = json.load(open(f'{out}-scores.json'))
     assert 'scoring 12 images' in capsys.readouterr().err
     assert scores[1] != scores[3]
+
+
+def test_captions_from_a_feature_cache_match_those_from_the_images(tiny_model, tmp_path):
+    """--features runs only the decoder on the cache; the captions are the images' own."""
+    caption_path, image_dir = os.path.join(TEST_DATA, 'captions.json'), os.path.join(TEST_DATA, 'images')
+    model = ['--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
+             '--vocab_path', tiny_model['vocab'], '--device', 'cpu', '--beam_size', '2']
+    for size in (56, 64):  # the tiny model reads 56x56 images
+        extract_features.main(['--image_dir', image_dir, '--caption_path', caption_path, '--cnn', 'efficientnet-lite0',
+                               '--image_size', str(size), '--output_dir', str(tmp_path / f'cache{size}'),
+                               '--num_workers', '0', '--device', 'cpu'])
+    runs = {}
+    for name, source in (('images', ['--image_dir', image_dir, '--num_workers', '0']),
+                         ('cache', ['--features', str(tmp_path / 'cache56')])):
+        evaluate.main(['--caption_path', caption_path, *source, *model, '--output', str(tmp_path / f'{name}.json'),
+                       '--scores', str(tmp_path / f'{name}-scores.json')])
+        runs[name] = sorted((r['image_id'], r['caption']) for r in json.load(open(tmp_path / f'{name}.json')))
+    assert len(runs['cache']) == 12 and runs['cache'] == runs['images']
+    with pytest.raises(SystemExit, match='cache64: cached at input size 64 .* the model reads 56'):
+        evaluate.main(['--caption_path', caption_path, '--features', str(tmp_path / 'cache64'), *model,
+                       '--output', str(tmp_path / 'wrong.json')])
+    assert not (tmp_path / 'wrong.json').exists()
 
 
 def test_prepro_flickr8k_writes_coco_splits(tmp_path):

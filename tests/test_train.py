@@ -103,3 +103,14 @@ def test_keep_last_prunes_old_step_checkpoints(tmp_path):
                                  '--keep_last', '2')) == 0
     assert sorted(p for p in os.listdir(models) if p.endswith('.ckpt')) == [
         'decoder-3-3.ckpt', 'decoder-3-4.ckpt', 'encoder-3-3.ckpt', 'encoder-3-4.ckpt']
+
+
+def test_epoch_steps_ends_every_epoch_after_that_many_batches(tmp_path):
+    folder = make_scenes(tmp_path)  # 8 captions: 4 batches of 2 an epoch
+    models = tmp_path / 'm'
+    assert train.main(train_args(folder, models, '--num_epochs', '2', '--batch_size', '2', '--epoch_steps', '3',
+                                 '--log_step', '1')) == 0
+    assert sorted(p for p in os.listdir(models) if p.endswith('.ckpt')) == [
+        'decoder-1-3.ckpt', 'decoder-2-3.ckpt', 'encoder-1-3.ckpt', 'encoder-2-3.ckpt']
+    records = [json.loads(line) for line in open(models / 'train_log.jsonl')]
+    assert [(r['epoch'], r['step']) for r in records] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
