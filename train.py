@@ -44,8 +44,8 @@ from metrics import CiderD, has_hole, score
 from model import CNN_CHOICES, LITE_SIZES, Decoding, ModelConfig, beam_search, build_networks, sample
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_io_flags(parser):
+    """Where the training data, vocabulary and checkpoints are; how often to log and save."""
     parser.add_argument('--model_path', default='models/', help='folder for checkpoints, log and plot')
     parser.add_argument('--crop_size', type=int, help='size of the random crop (default: the backbone\'s '
                         'input size, 224 for ResNets)')
@@ -55,6 +55,10 @@ def parse_args(argv=None):
                         help='COCO-format training captions')
     parser.add_argument('--log_step', type=int, default=10, help='batches between log lines')
     parser.add_argument('--save_step', type=int, default=1000, help='batches between checkpoints')
+
+
+def add_model_flags(parser):
+    """The architecture (ModelConfig's fields)."""
     model = parser.add_argument_group('model')
     model.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='pretrained backbone')
     model.add_argument('--decoder', default=ModelConfig.decoder, choices=('lstm', 'attention'),
@@ -64,6 +68,10 @@ def parse_args(argv=None):
     model.add_argument('--hidden_size', type=int, default=ModelConfig.hidden_size, help='LSTM hidden size')
     model.add_argument('--num_layers', type=int, default=ModelConfig.num_layers, help='LSTM layers (lstm only)')
     model.add_argument('--dropout', type=float, default=0, help='decoder dropout (0 = classic)')
+
+
+def add_training_flags(parser):
+    """The optimisation, the device and resuming."""
     parser.add_argument('--num_epochs', type=int, default=5)
     parser.add_argument('--epoch_steps', type=int, default=0, help='end each epoch after this many batches, a '
                         'random part of the data (0 = all of it)')
@@ -81,6 +89,10 @@ def parse_args(argv=None):
     parser.add_argument('--resume', help="a checkpoint to continue from, or 'latest' in --model_path")
     parser.add_argument('--keep_last', type=int, default=0,
                         help='keep only the newest N step checkpoints (0 = keep all)')
+
+
+def add_data_flags(parser):
+    """Feature caches and per-epoch validation."""
     speed = parser.add_argument_group('speed')
     speed.add_argument('--features', help='train from this feature cache (extract_features.py) instead of images')
     speed.add_argument('--captions_per_image', type=int, default=1,
@@ -91,6 +103,10 @@ def parse_args(argv=None):
     val.add_argument('--val_image_dir', default='data/val2014', help='validation images')
     val.add_argument('--val_features', help='validation feature cache (default: --features)')
     val.add_argument('--val_images', type=int, default=500, help='images captioned for BLEU-4 and CIDEr')
+
+
+def add_scst_flags(parser):
+    """Self-critical sequence training."""
     scst = parser.add_argument_group('self-critical sequence training')
     scst.add_argument('--scst', action='store_true', help='optimise CIDEr-D of sampled captions '
                       '(start from a cross-entropy model with --init_from)')
@@ -98,6 +114,12 @@ def parse_args(argv=None):
     scst.add_argument('--samples', type=int, default=5, help='captions sampled per image')
     scst.add_argument('--baseline', choices=('mean', 'greedy'), default='mean',
                       help="mean: the mean reward of the image's other samples; greedy: the greedy caption's")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for add_flags in (add_io_flags, add_model_flags, add_training_flags, add_data_flags, add_scst_flags):
+        add_flags(parser)
     args = parser.parse_args(argv)
     if args.decoder == 'attention' and args.num_layers != 1:
         parser.error('--decoder attention has one LSTM layer: leave out --num_layers')
