@@ -87,14 +87,16 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
     env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1',
-           'SCST_STEPS': scst_steps}
+           'SCST_STEPS': scst_steps, 'IMAGE_SIZE': '96'}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert '== [' in result.stdout and '7/7' in result.stdout
     assert sorted(os.listdir(tmp_path / 'model')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
     decoder = torch.load(tmp_path / 'model' / 'decoder.ckpt', weights_only=True)
-    assert decoder['config']['decoder'] == 'attention' and decoder['decoding']['beam_size'] in (1, 3)
+    config = decoder['config']
+    assert (config['cnn'], config['image_size'], config['decoder']) == ('efficientnet-lite1', 96, 'attention')
+    assert decoder['decoding']['beam_size'] in (1, 3)
     stages = ['best', 'scst-best'] if scst_steps != '0' else ['best']
     assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists() == (len(stages) == 2)
     found = []  # (dev CIDEr, stage, beam size) of every candidate: greedy from the training log, beam 3 scored
