@@ -44,7 +44,7 @@ def test_weights_are_those_of_the_printed_beam_caption():
     assert caption == captioner.caption(image)  # the caption printed without the figure
     words = caption.split()
     side = int(weights.shape[1])
-    assert weights.shape == (len(words), side, side) and side == 7  # one 7x7 map per word (224 px, Lite0)
+    assert weights.shape == (len(words), side, side) and side == 7  # one 7x7 map per word (224 px, Lite1)
     assert torch.allclose(weights.sum((1, 2)), torch.ones(len(words)), atol=1e-5)
     expected = teacher_forced_attention(captioner, image, words).view(len(words), side, side)
     assert torch.allclose(weights, expected, atol=1e-5)
