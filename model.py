@@ -39,6 +39,7 @@ class ModelConfig:
     embed_size: int = 256  # word and image embedding size
     hidden_size: int = 512  # LSTM state size
     num_layers: int = 1  # LSTM layers (the lstm decoder only)
+    deep_output: bool = False  # attention only: predict words from the LSTM state and the attended image
     vocab_size: int = 0
     image_size: int = 224  # images are squared to this size for captioning
     mean: tuple = None  # per-channel normalisation; None: the backbone's own
@@ -220,12 +221,15 @@ class AttentionDecoder(nn.Module):
     It takes one embedding per location of the backbone's feature map, (B, L, E). The LSTM state
     starts from their mean; at each step a small MLP scores every location against the hidden
     state, a softmax makes the scores weights, and the weighted mean of the locations (scaled by
-    a learned gate) is fed in beside the word. As in DecoderRNN the first input is the image
-    (here the mean embedding) and the first output <start>, so both train and decode alike.
+    a learned gate) is fed in beside the word. With `deep_output` the word is then predicted from
+    the new hidden state plus a projection of that weighted mean (the paper's deep output layer
+    adds the previous word as well), else from the hidden state alone. As in DecoderRNN the first
+    input is the image (here the mean embedding) and the first output <start>, so both train and
+    decode alike.
     The state carries the last step's attention weights, (B, L), for the attention figure.
     """
 
-    def __init__(self, embed_size, hidden_size, vocab_size, dropout=0.0):
+    def __init__(self, embed_size, hidden_size, vocab_size, dropout=0.0, deep_output=False):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_size)
         self.init_state = nn.Linear(embed_size, 2 * hidden_size)
@@ -234,6 +238,7 @@ class AttentionDecoder(nn.Module):
         self.attend_score = nn.Linear(hidden_size, 1)
         self.gate = nn.Linear(hidden_size, embed_size)
         self.lstm = nn.LSTMCell(2 * embed_size, hidden_size)
+        self.context_out = nn.Linear(embed_size, hidden_size) if deep_output else None
         self.linear = nn.Linear(hidden_size, vocab_size)
         self.dropout = nn.Dropout(dropout)
 
@@ -243,12 +248,14 @@ class AttentionDecoder(nn.Module):
         return h, c, features, self.attend_image(features), no_weights  # the attention keys, computed once
 
     def advance(self, inputs, state):
-        """One step: attend with the current hidden state, then run the LSTM on [inputs, context]."""
+        """One step: attend with the current hidden state, run the LSTM on [inputs, context].
+        Returns what the output layer reads (the new hidden state, plus the context if deep) and the state."""
         h, c, features, keys, _ = state
         weights = self.attend_score(torch.tanh(keys + self.attend_hidden(h).unsqueeze(1))).softmax(1)  # (B, L, 1)
         context = torch.sigmoid(self.gate(h)) * (weights * features).sum(1)
         h, c = self.lstm(torch.cat((inputs, context), 1), (h, c))
-        return h, (h, c, features, keys, weights.squeeze(2))
+        out = h if self.context_out is None else h + self.context_out(context)
+        return out, (h, c, features, keys, weights.squeeze(2))
 
     def forward(self, features, captions, lengths):
         """Scores for [<start>, w1 .. wn, <end>], in pack_padded_sequence's (time-major) order.
@@ -257,20 +264,20 @@ class AttentionDecoder(nn.Module):
         Only the recurrence runs step by step; dropout and the output layer run once on all steps.
         """
         inputs = self.dropout(torch.cat((features.mean(1, keepdim=True), self.embed(captions)), 1))
-        state, hiddens = self.initial_state(features), []
+        state, outputs = self.initial_state(features), []
         for t in range(max(lengths)):
             running = sum(1 for n in lengths if n > t)
-            h, state = self.advance(inputs[:running, t], self.select(state, slice(running)))
-            hiddens.append(h)
-        return self.linear(self.dropout(torch.cat(hiddens)))
+            out, state = self.advance(inputs[:running, t], self.select(state, slice(running)))
+            outputs.append(out)
+        return self.linear(self.dropout(torch.cat(outputs)))
 
     def start(self, features):
-        h, state = self.advance(features.mean(1), self.initial_state(features))
-        return self.linear(h).log_softmax(-1), state
+        out, state = self.advance(features.mean(1), self.initial_state(features))
+        return self.linear(out).log_softmax(-1), state
 
     def step(self, words, state):
-        h, state = self.advance(self.embed(words), state)
-        return self.linear(h).log_softmax(-1), state
+        out, state = self.advance(self.embed(words), state)
+        return self.linear(out).log_softmax(-1), state
 
     @staticmethod
     def select(state, rows):
@@ -287,7 +294,8 @@ def build_networks(config, pretrained=True, dropout=0.0):
     attention = config.decoder == 'attention'
     encoder = EncoderCNN(config.embed_size, config.cnn, pretrained=pretrained, spatial=attention)
     if attention:
-        decoder = AttentionDecoder(config.embed_size, config.hidden_size, config.vocab_size, dropout)
+        decoder = AttentionDecoder(config.embed_size, config.hidden_size, config.vocab_size, dropout,
+                                   config.deep_output)
     else:
         decoder = DecoderRNN(config.embed_size, config.hidden_size, config.vocab_size, config.num_layers, dropout)
     return encoder, decoder

@@ -67,6 +67,9 @@ def add_model_flags(parser):
     model.add_argument('--embed_size', type=int, default=ModelConfig.embed_size, help='word and image embedding')
     model.add_argument('--hidden_size', type=int, default=ModelConfig.hidden_size, help='LSTM hidden size')
     model.add_argument('--num_layers', type=int, default=ModelConfig.num_layers, help='LSTM layers (lstm only)')
+    model.add_argument('--deep_output', action=argparse.BooleanOptionalAction, default=ModelConfig.deep_output,
+                       help='attention only: predict each word from the LSTM state and the attended image, '
+                            'not from the state alone')
     model.add_argument('--dropout', type=float, default=0, help='decoder dropout (0 = classic)')
 
 
@@ -82,6 +85,8 @@ def add_training_flags(parser):
                         'every this many epochs (0 = constant, as the classic recipe)')
     parser.add_argument('--lr_decay', type=float, default=0.5)
     parser.add_argument('--grad_clip', type=float, default=0, help='clip the gradient norm (0 = off)')
+    parser.add_argument('--label_smoothing', type=float, default=0.0, help='cross-entropy against targets '
+                        'that spread this much probability evenly over the vocabulary (0 = off, as the classic recipe)')
     parser.add_argument('--seed', type=int, default=0, help='seeds the weights, the shuffle and the augmentation')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu, cuda:1")
     parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
@@ -123,8 +128,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.decoder == 'attention' and args.num_layers != 1:
         parser.error('--decoder attention has one LSTM layer: leave out --num_layers')
+    if args.decoder == 'lstm' and args.deep_output:
+        parser.error('--deep_output is for --decoder attention')
     if args.scst and args.samples < 2 and args.baseline == 'mean':
         parser.error('--baseline mean needs --samples 2 or more')
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f'--label_smoothing must be in [0, 1), not {args.label_smoothing}')
     args.crop_size = args.crop_size or LITE_SIZES.get(args.cnn, 224)
     return args
 
@@ -255,7 +264,7 @@ def model_config(args, vocab_size):
     """The architecture the flags describe; from a cache, its image size and normalisation."""
     config = ModelConfig(cnn=args.cnn, decoder=args.decoder, embed_size=args.embed_size,
                          hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=vocab_size,
-                         image_size=args.crop_size)
+                         image_size=args.crop_size, deep_output=args.deep_output)
     attention = args.decoder == 'attention'
     for cache in {args.features, args.val_features} - {None}:  # checked before any backbone is built
         index = read_feature_index(cache, args.cnn, attention)
@@ -437,12 +446,13 @@ class Trainer:
             self.state.window = []
 
     def cross_entropy(self, batch):
-        """The classic loss: cross-entropy of every word of every caption (teacher forcing)."""
+        """The classic loss: cross-entropy of every word of every caption (teacher forcing), its
+        targets optionally smoothed (--label_smoothing)."""
         inputs, captions, lengths = batch[0].to(self.device), batch[1].to(self.device), batch[2]
         owners = batch[3].to(self.device) if len(batch) == 4 else None
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
         scores = self.ddp(inputs, self.cached, captions, lengths, owners)
-        return nn.functional.cross_entropy(scores.float(), targets)
+        return nn.functional.cross_entropy(scores.float(), targets, label_smoothing=self.args.label_smoothing)
 
     def scst_loss(self, image_ids, inputs):
         """Self-critical loss: -(reward - baseline) * log p of each sampled caption's words, per word."""

@@ -29,13 +29,13 @@ step "3/7 $CNN feature maps at $IMAGE_SIZE px of every train and dev photo"
     --output_dir "$WORK/features_train" --cnn "$CNN" --image_size "$IMAGE_SIZE" --spatial
 "$PYTHON" extract_features.py --image_dir "$DATA_DIR/Images" --caption_path "$WORK/captions_dev.json" \
     --output_dir "$WORK/features_dev" --cnn "$CNN" --image_size "$IMAGE_SIZE" --spatial
-common=(--cnn "$CNN" --decoder attention --embed_size 512 --features "$WORK/features_train"
+common=(--cnn "$CNN" --decoder attention --deep_output --embed_size 512 --features "$WORK/features_train"
         --caption_path "$WORK/captions_train.json" --val_features "$WORK/features_dev"
         --val_caption_path "$WORK/captions_dev.json" --val_images 1000 --vocab_path "$WORK/vocab.pkl"
         --model_path "$WORK/models" --dropout 0.5 --num_workers 0 --log_step 50 --save_step 100000 --seed 1
         --resume latest)
 step "4/7 cross-entropy training, validated on the dev split after every epoch"
-"$PYTHON" train.py "${common[@]}" --num_epochs "$EPOCHS" --lr_decay_every 3 --lr_decay 0.5
+"$PYTHON" train.py "${common[@]}" --num_epochs "$EPOCHS" --lr_decay_every 3 --lr_decay 0.5 --label_smoothing 0.1
 if (( SCST_STEPS > 0 )); then
     step "5/7 self-critical training (CIDEr-D reward, 5 samples per photo), $SCST_STEPS steps from the best cross-entropy epoch"
     "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs 1 \

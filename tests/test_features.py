@@ -113,7 +113,7 @@ def test_training_from_the_cache_learns_and_its_checkpoints_caption_images(tmp_p
         train.main(train_args(folder, models, '--features', str(tmp_path / 'cache'), '--cnn', 'resnet18'))
 
 
-def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_path, monkeypatch):
+def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_path, monkeypatch, capsys):
     folder = make_scenes(tmp_path)
     cache = tmp_path / 'cache'
     extract(folder, cache, '--flip', '--spatial')
@@ -131,13 +131,13 @@ def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_p
     monkeypatch.setattr(EncoderCNN, 'project', lambda self, x: projected.append(len(x)) or real(self, x))
     assert train.main(train_args(folder, models, '--decoder', 'attention', '--features', str(cache),
                                  '--captions_per_image', '2', '--num_epochs', '60', '--learning_rate', '0.01',
-                                 '--log_step', '2')) == 0
+                                 '--log_step', '2', '--deep_output')) == 0
     assert sum(projected) == 60 * 4
     monkeypatch.undo()
     files = str(folder / 'vocab.pkl'), 'cpu'
     captioner = Captioner.load(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'), *files)
     assert captioner.config.decoder == 'attention' and isinstance(captioner.decoder, AttentionDecoder)
-    assert captioner.encoder.spatial
+    assert captioner.encoder.spatial and captioner.config.deep_output and captioner.decoder.context_out is not None
     paths = [str(folder / 'images' / name) for name in ('red.png', 'blue.png', 'green.png', 'yellow.png')]
     for beam_size in (1, 3):
         captioner.decoding = Decoding(beam_size=beam_size)
@@ -149,6 +149,10 @@ def test_attention_decoder_learns_from_a_spatial_cache_and_captions_images(tmp_p
     captioner = Captioner.load(str(tmp_path / 'images' / 'encoder-1-2.ckpt'),
                                str(tmp_path / 'images' / 'decoder-1-2.ckpt'), *files)
     assert captioner.config.decoder == 'attention' and isinstance(captioner.decoder, AttentionDecoder)
+    assert not captioner.config.deep_output and captioner.decoder.context_out is None
+    with pytest.raises(SystemExit):
+        train.main(train_args(folder, tmp_path / 'lstm', '--deep_output'))
+    assert '--deep_output is for --decoder attention' in capsys.readouterr().err
 
 
 def test_captions_grouped_per_image(coco_sample):

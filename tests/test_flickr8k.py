@@ -95,7 +95,8 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     assert sorted(os.listdir(tmp_path / 'model')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
     decoder = torch.load(tmp_path / 'model' / 'decoder.ckpt', weights_only=True)
     config = decoder['config']
-    assert (config['cnn'], config['image_size'], config['decoder']) == ('efficientnet-lite1', 96, 'attention')
+    assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
+        'efficientnet-lite1', 96, 'attention', True)
     assert decoder['decoding']['beam_size'] in (1, 3)
     stages = ['best', 'scst-best'] if scst_steps != '0' else ['best']
     assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists() == (len(stages) == 2)

@@ -318,13 +318,14 @@ def sequence_score(decoder, feature, tokens, end_id):
 
 
 def tiny_decoder(kind, embed_size, hidden_size, vocab_size):
-    """A decoder of either kind, and a function making (B, ...) image features it takes."""
-    if kind == 'attention':
-        return AttentionDecoder(embed_size, hidden_size, vocab_size).eval(), lambda b: torch.randn(b, 5, embed_size)
+    """A decoder of any kind, and a function making (B, ...) image features it takes."""
+    if kind.startswith('attention'):
+        decoder = AttentionDecoder(embed_size, hidden_size, vocab_size, deep_output=kind == 'attention-deep')
+        return decoder.eval(), lambda b: torch.randn(b, 5, embed_size)
     return DecoderRNN(embed_size, hidden_size, vocab_size, 1).eval(), lambda b: torch.randn(b, embed_size)
 
 
-@pytest.mark.parametrize('kind', ['lstm', 'attention'])
+@pytest.mark.parametrize('kind', ['lstm', 'attention', 'attention-deep'])
 def test_training_scores_equal_step_by_step_decoding_in_packed_order(kind):
     """forward (teacher forcing over a sorted batch) must score each word as start/step do one by one."""
     torch.manual_seed(0)
@@ -356,7 +357,20 @@ def test_attention_decoder_looks_at_every_location():
         assert not torch.allclose(start(features), start(moved), atol=1e-3)
 
 
-@pytest.mark.parametrize('kind', ['lstm', 'attention'])
+def test_deep_output_adds_the_attended_image_to_what_the_output_layer_reads():
+    torch.manual_seed(2)
+    deep = AttentionDecoder(8, 12, 20, deep_output=True).eval()
+    plain = AttentionDecoder(8, 12, 20).eval()
+    plain.load_state_dict({k: v for k, v in deep.state_dict().items() if not k.startswith('context_out.')})
+    features = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        assert not torch.allclose(deep.start(features)[0], plain.start(features)[0], atol=1e-3)
+        deep.context_out.weight.zero_()
+        deep.context_out.bias.zero_()
+        assert torch.allclose(deep.start(features)[0], plain.start(features)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'attention', 'attention-deep'])
 @pytest.mark.parametrize('alpha', [0.0, 0.7, 2.0])
 def test_wide_beam_search_finds_the_exhaustive_optimum(alpha, kind):
     """With a beam as wide as the whole search space, beam search must return the best sequence."""
@@ -375,7 +389,7 @@ def test_wide_beam_search_finds_the_exhaustive_optimum(alpha, kind):
             assert score / length ** alpha == pytest.approx(best[0] / best[1] ** alpha, abs=1e-5)
 
 
-@pytest.mark.parametrize('kind', ['lstm', 'attention'])
+@pytest.mark.parametrize('kind', ['lstm', 'attention', 'attention-deep'])
 def test_beam_of_one_is_greedy_and_wider_beams_score_higher(kind):
     torch.manual_seed(5)
     decoder, make_features = tiny_decoder(kind, 16, 32, 30)

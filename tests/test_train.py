@@ -61,6 +61,26 @@ def test_tiny_model_learns_its_captions(tmp_path):
     assert (models / 'decoder-1-2.ckpt').exists() and (models / 'encoder-1-2.ckpt').exists()
 
 
+def test_label_smoothing_keeps_the_loss_above_its_floor(tmp_path, capsys):
+    # With smoothing 0.2 over this vocabulary's 23 words (19 + 4 special) the target keeps 0.2/23 on
+    # every word, so the loss cannot fall below that target's entropy, 1.08; plain cross-entropy
+    # goes towards 0 on these captions (the test above).
+    folder = make_scenes(tmp_path)
+    models = tmp_path / 'models'
+    with pytest.raises(SystemExit):
+        train.main(train_args(folder, models, '--label_smoothing', '1'))
+    assert '--label_smoothing must be in [0, 1), not 1.0' in capsys.readouterr().err
+    assert train.main(train_args(folder, models, '--num_epochs', '60', '--learning_rate', '0.01',
+                                 '--log_step', '2', '--save_step', '1000', '--label_smoothing', '0.2')) == 0
+    captioner = Captioner.load(str(models / 'encoder-60-2.ckpt'), str(models / 'decoder-60-2.ckpt'),
+                               str(folder / 'vocab.pkl'), 'cpu')
+    assert len(captioner.vocab) == 23
+    paths = [str(folder / 'images' / name) for name in SCENES]
+    assert [c for _, c in captioner.caption_files(paths, num_workers=0)] == [c for _, c in SCENES.values()]
+    log = [json.loads(line) for line in open(models / 'train_log.jsonl')]
+    assert 1.08 < log[-1]['loss'] < 1.5
+
+
 def final_weights(model_path, name):
     return torch.load(model_path / name, weights_only=True)['model']
 
