@@ -30,7 +30,8 @@ def test_shipped_model_is_small_and_records_its_decoding():
     assert sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in files) < 20e6
     decoder = torch.load(os.path.join(SHIPPED, 'decoder.ckpt'), weights_only=True)
     config, decoding = decoder['config'], decoder['decoding']
-    assert (config['cnn'], config['image_size'], config['decoder']) == ('efficientnet-lite1', 224, 'attention')
+    assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
+        'efficientnet-lite1', 224, 'attention', True)
     assert decoding['beam_size'] == 3 and decoding['length_penalty'] == 1
     assert all(v.dtype == torch.float16 for v in decoder['model'].values() if v.is_floating_point())
     assert 'train_state' not in decoder
