@@ -15,6 +15,7 @@ CNN=${CNN:-efficientnet-lite1}
 IMAGE_SIZE=${IMAGE_SIZE:-224}  # photos are squared to this; Lite1 at its own 240 px: same dev score, slower
 EPOCHS=${EPOCHS:-5}            # cross-entropy epochs
 SCST_STEPS=${SCST_STEPS:-60}   # self-critical batches after them, at most one epoch (120); 0: none
+BEAMS=${BEAMS:-3 5}            # beam sizes scored on dev besides greedy; the best setting is exported
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
@@ -45,21 +46,24 @@ else
     step "5/7 self-critical training: skipped (SCST_STEPS=0)"
     stages=(best)
 fi
-step "6/7 dev scores of each stage's best checkpoint with beam 3 (greedy: logged in training)"
+step "6/7 dev scores of each stage's best checkpoint with beam sizes $BEAMS (greedy: logged in training)"
 for stage in "${stages[@]}"; do
-    "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --features "$WORK/features_dev" \
-        --encoder_path "$WORK/models/encoder-$stage.ckpt" --decoder_path "$WORK/models/decoder-$stage.ckpt" \
-        --vocab_path "$WORK/vocab.pkl" --beam_size 3 --length_penalty 1 \
-        --output "$WORK/dev_results_$stage-beam3.json" --scores "$WORK/dev_scores_$stage-beam3.json"
+    for beam in $BEAMS; do
+        "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --features "$WORK/features_dev" \
+            --encoder_path "$WORK/models/encoder-$stage.ckpt" --decoder_path "$WORK/models/decoder-$stage.ckpt" \
+            --vocab_path "$WORK/vocab.pkl" --beam_size "$beam" --length_penalty 1 \
+            --output "$WORK/dev_results_$stage-beam$beam.json" --scores "$WORK/dev_scores_$stage-beam$beam.json"
+    done
 done
-# The stage and beam size (greedy, from the training logs, or 3) with the best dev CIDEr.
+# The stage and beam size (greedy, from the training logs, or one of BEAMS) with the best dev CIDEr.
 read -r best beam cider < <("$PYTHON" -c "import json
 logs = {'best': 'train_log.jsonl', 'scst-best': 'scst_log.jsonl'}
 found = []
 for stage in '${stages[*]}'.split():
     log = map(json.loads, open('$WORK/models/' + logs[stage]))
     found.append((stage, 1, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
-    found.append((stage, 3, json.load(open(f'$WORK/dev_scores_{stage}-beam3.json'))['CIDEr']))
+    for beam in '$BEAMS'.split():
+        found.append((stage, beam, json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}.json'))['CIDEr']))
 print(*max(found, key=lambda f: f[2]))")
 step "7/7 export of the $best checkpoint as float16, decoding with beam $beam and length penalty 1 (dev CIDEr $cider)"
 "$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
