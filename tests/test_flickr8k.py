@@ -32,7 +32,7 @@ def test_shipped_model_is_small_and_records_its_decoding():
     config, decoding = decoder['config'], decoder['decoding']
     assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
         'efficientnet-lite1', 224, 'attention', True)
-    assert decoding['beam_size'] == 3 and decoding['length_penalty'] == 1
+    assert decoding['beam_size'] == 5 and decoding['length_penalty'] == 1
     assert all(v.dtype == torch.float16 for v in decoder['model'].values() if v.is_floating_point())
     assert 'train_state' not in decoder
     encoder = torch.load(os.path.join(SHIPPED, 'encoder.ckpt'), weights_only=True)
@@ -98,14 +98,16 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     config = decoder['config']
     assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
         'efficientnet-lite1', 96, 'attention', True)
-    assert decoder['decoding']['beam_size'] in (1, 3)
+    assert decoder['decoding']['beam_size'] in (1, 3, 5)
     stages = ['best', 'scst-best'] if scst_steps != '0' else ['best']
     assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists() == (len(stages) == 2)
-    found = []  # (dev CIDEr, stage, beam size) of every candidate: greedy from the training log, beam 3 scored
+    found = []  # (dev CIDEr, stage, beam size) of every candidate: greedy from the training log, beams 3 and 5 scored
     for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl']):
         found.append((max(json.loads(line).get('CIDEr', -1) for line in open(tmp_path / 'work' / 'models' / log_name)),
                       stage, 1))
-        found.append((json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam3.json'))['CIDEr'], stage, 3))
+        for beam in (3, 5):
+            scores = json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam{beam}.json'))
+            found.append((scores['CIDEr'], stage, beam))
     cider, stage, beam = max(found, key=lambda f: f[0])  # the best on dev is exported
     assert f'7/7 export of the {stage} checkpoint as float16, decoding with beam {beam}' in result.stdout
     exported = torch.load(tmp_path / 'work' / 'models' / f'decoder-{stage}.ckpt', weights_only=True)['model']
