@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from timing import ROOT, machine
+from captioner import Captioner  # a repo module: importable once timing has put the repo on sys.path
 
 PHOTOS = [os.path.join(ROOT, 'png', n) for n in ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg')]
 
@@ -56,16 +57,17 @@ def peak_memory_mb(pid):
         return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
 
 
-def burst(port, files, requests, clients):
-    """Send `requests` caption requests (cycling through `files`) from `clients` threads:
-    [{'file', 'answer', 'seconds'}] in request order."""
+def burst(port, files, requests, clients, decoding):
+    """Send `requests` caption requests (cycling through `files`) from `clients` threads, each with
+    `decoding`'s beam size and length penalty: [{'file', 'answer', 'seconds'}] in request order."""
     from gradio_client import Client, handle_file
 
     def one(i):
         path = files[i % len(files)]
         client = Client(f'http://127.0.0.1:{port}/', verbose=False, analytics_enabled=False, download_files=False)
         start = time.perf_counter()
-        caption, _, _ = client.predict(handle_file(path), 3, 1.0, api_name='/caption')
+        caption, _, _ = client.predict(handle_file(path), decoding.beam_size, decoding.length_penalty,
+                                       api_name='/caption')
         name = os.path.basename(path).removeprefix('upload_')
         return {'file': name, 'answer': caption, 'seconds': time.perf_counter() - start}
     with ThreadPoolExecutor(clients) as pool:
@@ -87,6 +89,7 @@ def main():
     parser.add_argument('--json', help='write every answer here')
     args = parser.parse_args()
     port = free_port()
+    decoding = Captioner.load(device='cpu').decoding  # what the page starts with: the model's own
     with tempfile.TemporaryDirectory() as work:
         corrupt, truncated = os.path.join(work, 'corrupt.jpg'), os.path.join(work, 'truncated.jpg')
         open(corrupt, 'wb').write(b'this is not a photo')
@@ -97,10 +100,10 @@ def main():
         server, log = start_server(port, uploads, '--max_upload_mb', '2')
         try:
             start = time.perf_counter()
-            answers = burst(port, photos + [corrupt, truncated], args.requests, args.clients)
+            answers = burst(port, photos + [corrupt, truncated], args.requests, args.clients, decoding)
             wall = time.perf_counter() - start
             oversized = post_oversized(port, 3)
-            after = burst(port, photos[:1], 1, 1)[0]['answer']  # still serving
+            after = burst(port, photos[:1], 1, 1, decoding)[0]['answer']  # still serving
             memory = peak_memory_mb(server.pid)
             left = sorted(name for _, _, names in os.walk(uploads) for name in names
                           if name.startswith('upload_') or name in ('corrupt.jpg', 'truncated.jpg'))

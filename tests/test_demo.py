@@ -49,23 +49,24 @@ def test_uploads_are_deleted_once_read(tmp_path, monkeypatch, sample_captions):
     from captioner import Captioner
     monkeypatch.setattr(demo, 'HOLD_SECONDS', 5)
     page = demo.Demo(Captioner.load(device='cpu'), 2 ** 20, upload_dir=tmp_path)
+    recorded = page.captioner.decoding.beam_size, page.captioner.decoding.length_penalty  # as sample.py decodes
     (tmp_path / 'a1').mkdir()
     upload = str(shutil.copy(PHOTOS[1], tmp_path / 'a1' / 'my_photo.jpg'))  # an example's photo, not its name
-    assert page.answer(upload, 3, 1.0)[0] == sample_captions['surfers.jpg']
+    assert page.answer(upload, *recorded)[0] == sample_captions['surfers.jpg']
     assert not os.path.exists(tmp_path / 'a1')
-    assert page.answer(upload, 3, 1.0)[0] == sample_captions['surfers.jpg']  # the queued twin
+    assert page.answer(upload, *recorded)[0] == sample_captions['surfers.jpg']  # the queued twin
     (tmp_path / 'b2').mkdir()
     corrupt = tmp_path / 'b2' / 'corrupt.jpg'
     corrupt.write_bytes(b'not a photo')
     for _ in range(2):
-        assert page.answer(str(corrupt), 3, 1.0)[0] == 'error: corrupt.jpg: not an image Pillow can read'
+        assert page.answer(str(corrupt), *recorded)[0] == 'error: corrupt.jpg: not an image Pillow can read'
         assert not corrupt.exists()
     (tmp_path / 'c3').mkdir()
     example = str(shutil.copy(PHOTOS[0], tmp_path / 'c3' / 'example.png'))
-    assert page.answer(example, 3, 1.0)[0] == sample_captions['example.png'] and os.path.exists(example)
+    assert page.answer(example, *recorded)[0] == sample_captions['example.png'] and os.path.exists(example)
     time.sleep(5.5)
     assert page.recent == {}
-    assert page.answer(upload, 3, 1.0)[0] == 'error: my_photo.jpg: no longer on the server; upload it again'
+    assert page.answer(upload, *recorded)[0] == 'error: my_photo.jpg: no longer on the server; upload it again'
 
 
 def free_port():
