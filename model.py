@@ -182,7 +182,8 @@ class EncoderCNN(nn.Module):
 class DecoderRNN(nn.Module):
     """Show and Tell: an LSTM language model whose first input is the image embedding.
 
-    `dropout` (0 in the classic recipe) drops LSTM inputs and outputs while training.
+    `dropout` (0 in the classic recipe) drops LSTM inputs and outputs while training, in
+    teacher-forced steps and in step-by-step ones alike (self-critical samples are drawn with it).
     """
 
     def __init__(self, embed_size, hidden_size, vocab_size, num_layers=1, dropout=0.0):
@@ -201,13 +202,13 @@ class DecoderRNN(nn.Module):
 
     def start(self, features):
         """Log-probabilities of the first word (<start>, once trained) and the LSTM state."""
-        hiddens, states = self.lstm(features.unsqueeze(1))
-        return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
+        hiddens, states = self.lstm(self.dropout(features).unsqueeze(1))
+        return self.linear(self.dropout(hiddens.squeeze(1))).log_softmax(-1), states
 
     def step(self, words, states):
         """Feed the previous words; log-probabilities of the next ones and the new state."""
-        hiddens, states = self.lstm(self.embed(words).unsqueeze(1), states)
-        return self.linear(hiddens.squeeze(1)).log_softmax(-1), states
+        hiddens, states = self.lstm(self.dropout(self.embed(words)).unsqueeze(1), states)
+        return self.linear(self.dropout(hiddens.squeeze(1))).log_softmax(-1), states
 
     @staticmethod
     def select(states, rows):
@@ -272,12 +273,12 @@ class AttentionDecoder(nn.Module):
         return self.linear(self.dropout(torch.cat(outputs)))
 
     def start(self, features):
-        out, state = self.advance(features.mean(1), self.initial_state(features))
-        return self.linear(out).log_softmax(-1), state
+        out, state = self.advance(self.dropout(features.mean(1)), self.initial_state(features))
+        return self.linear(self.dropout(out)).log_softmax(-1), state
 
     def step(self, words, state):
-        out, state = self.advance(self.embed(words), state)
-        return self.linear(out).log_softmax(-1), state
+        out, state = self.advance(self.dropout(self.embed(words)), state)
+        return self.linear(self.dropout(out)).log_softmax(-1), state
 
     @staticmethod
     def select(state, rows):
@@ -417,8 +418,9 @@ def sample(decoder, features, end_id, max_length=20, guard=None):
     for t in range(max_length):
         if t:
             log_probs, state = decoder.step(words[-1], state)
-        if guard:
-            log_probs = guard(log_probs, torch.stack(words, 1) if t else None, last_step=t == max_length - 1)
+        if guard:  # the policy sampled and trained is the guarded one, renormalised (and never all zeros)
+            log_probs = guard(log_probs, torch.stack(words, 1) if t else None,
+                              last_step=t == max_length - 1).log_softmax(-1)
         drawn = torch.multinomial(log_probs.detach().float().exp(), 1).squeeze(1)
         drawn = torch.where(running, drawn, torch.full_like(drawn, end_id))
         words.append(drawn)

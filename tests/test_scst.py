@@ -35,6 +35,34 @@ def test_unk_is_never_generated_when_it_is_the_likeliest_word(kind):
     assert mask[:, 0].all() and ((drawn == END).cumsum(1) <= 1).logical_or(mask == 0).all()
 
 
+def test_sampling_survives_a_guard_that_leaves_only_unlikely_words():
+    """Late in self-critical training a model can give the only words the guard allows a
+    probability that underflows to 0; sampling still draws one of them, and the log-probability
+    trained on is the guarded distribution's (here log 1, as the guard leaves one word)."""
+    decoder, features = AttentionDecoder(8, 16, 12).eval(), torch.randn(4, 5, 8)
+    with torch.no_grad():
+        decoder.linear.bias[END] -= 300.0  # exp(log p(<end>)) == 0 in float32
+        only_end = CaptionGuard(12, banned=[w for w in range(12) if w != END])
+        drawn, log_probs, mask = sample(decoder, features, END, 5, only_end)
+    assert (drawn == END).all() and mask[:, 0].all() and torch.allclose(log_probs, torch.zeros_like(log_probs))
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'attention'])
+def test_self_critical_samples_are_drawn_with_dropout_and_decoding_is_not(kind):
+    """In training mode the step-by-step decoder drops inputs and outputs as teacher forcing does
+    (so self-critical samples are regularised alike); in eval mode decoding is deterministic."""
+    torch.manual_seed(0)
+    if kind == 'lstm':
+        decoder, features = DecoderRNN(8, 16, 12, 1, dropout=0.5), torch.randn(3, 8)
+    else:
+        decoder, features = AttentionDecoder(8, 16, 12, dropout=0.5), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        first, second = decoder.start(features)[0], decoder.start(features)[0]
+        assert not torch.allclose(first, second)
+        decoder.eval()
+        assert torch.equal(decoder.start(features)[0], decoder.start(features)[0])
+
+
 GUARD_WORDS = ['<pad>', '<start>', '<end>', '<unk>', 'a', 'the', 'dog', 'runs', 'on', 'grass', 'is', '.', 'with']
 # A decoder whose next word depends only on the last one (logits), built to make holes and repeats:
 # "a ." and "on <end>" are its likeliest endings, and "a dog on the dog on the ..." its likeliest loop.
