@@ -14,8 +14,8 @@ OUT=${OUTPUT_DIR:-models/flickr8k}
 CNN=${CNN:-efficientnet-lite1}
 IMAGE_SIZE=${IMAGE_SIZE:-224}  # photos are squared to this; Lite1 at its own 240 px: same dev score, slower
 EPOCHS=${EPOCHS:-5}            # cross-entropy epochs
-SCST_STEPS=${SCST_STEPS:-60}   # self-critical batches after them, at most one epoch (120); 0: none
-BEAMS=${BEAMS:-3 5}            # beam sizes scored on dev besides greedy; the best setting is exported
+SCST_STEPS=${SCST_STEPS:-420} # self-critical batches after them, validated on dev every 60; 0: none
+BEAMS=${BEAMS:-5}              # beam sizes scored on dev besides greedy; the best setting is exported
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
@@ -39,8 +39,9 @@ step "4/7 cross-entropy training, validated on the dev split after every epoch"
 "$PYTHON" train.py "${common[@]}" --num_epochs "$EPOCHS" --lr_decay_every 3 --lr_decay 0.5 --label_smoothing 0.1
 if (( SCST_STEPS > 0 )); then
     step "5/7 self-critical training (CIDEr-D reward, 5 samples per photo), $SCST_STEPS steps from the best cross-entropy epoch"
-    "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs 1 \
-        --epoch_steps "$SCST_STEPS" --batch_size 250 --samples 5 --learning_rate 1e-4
+    rounds=$(( (SCST_STEPS + 59) / 60 ))  # each a random part of the photos, then validated; the best is kept
+    "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$rounds" \
+        --epoch_steps $(( SCST_STEPS / rounds )) --batch_size 250 --samples 5 --learning_rate 1e-4
     stages=(best scst-best)
 else
     step "5/7 self-critical training: skipped (SCST_STEPS=0)"

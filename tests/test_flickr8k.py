@@ -88,7 +88,7 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
     env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1',
-           'SCST_STEPS': scst_steps, 'IMAGE_SIZE': '96'}
+           'SCST_STEPS': scst_steps, 'IMAGE_SIZE': '96', 'BEAMS': '3 5'}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
