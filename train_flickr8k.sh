@@ -13,8 +13,8 @@ WORK=${WORK_DIR:-data/flickr8k_work}
 OUT=${OUTPUT_DIR:-models/flickr8k}
 CNN=${CNN:-efficientnet-lite1}
 IMAGE_SIZE=${IMAGE_SIZE:-224}  # photos are squared to this; Lite1 at its own 240 px: same dev score, slower
-EPOCHS=${EPOCHS:-5}            # cross-entropy epochs
-SCST_STEPS=${SCST_STEPS:-420} # self-critical batches after them, validated on dev every 60; 0: none
+EPOCHS=${EPOCHS:-4}            # cross-entropy epochs
+SCST_STEPS=${SCST_STEPS:-720} # self-critical batches after them, validated on dev every 60; 0: none
 BEAMS=${BEAMS:-5}              # beam sizes scored on dev besides greedy; the best setting is exported
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
