@@ -70,10 +70,11 @@ def test_export_keeps_weights_only_in_float16_with_decode_settings(tiny_model, t
     assert by_default == capsys.readouterr().out  # recorded settings used; float16 weights, same caption
 
 
-@pytest.mark.parametrize('scst_steps', ['0', '1'])
+@pytest.mark.parametrize('scst_steps', ['0', '120'])
 def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     """train_flickr8k.sh on a miniature Flickr8k (real COCO photos, Flickr8k-format files): one
-    cross-entropy epoch, then no self-critical step or one."""
+    cross-entropy epoch, then no self-critical training, or two rounds validated on dev (a round is
+    60 steps, or all the miniature's photos when fewer)."""
     data = tmp_path / 'flickr8k'
     shutil.copytree(os.path.join(TEST_DATA, 'images'), data / 'Images')
     captions = json.load(open(os.path.join(TEST_DATA, 'captions.json')))
@@ -101,6 +102,9 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     assert decoder['decoding']['beam_size'] in (1, 3, 5)
     stages = ['best', 'scst-best'] if scst_steps != '0' else ['best']
     assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists() == (len(stages) == 2)
+    if scst_steps != '0':
+        validated = [json.loads(line) for line in open(tmp_path / 'work' / 'models' / 'scst_log.jsonl')]
+        assert [r['epoch'] for r in validated if 'CIDEr' in r] == [1, 2]
     found = []  # (dev CIDEr, stage, beam size) of every candidate: greedy from the training log, beams 3 and 5 scored
     for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl']):
         found.append((max(json.loads(line).get('CIDEr', -1) for line in open(tmp_path / 'work' / 'models' / log_name)),
