@@ -15,7 +15,8 @@ CNN=${CNN:-efficientnet-lite1}
 IMAGE_SIZE=${IMAGE_SIZE:-224}  # photos are squared to this; Lite1 at its own 240 px: same dev score, slower
 EPOCHS=${EPOCHS:-4}            # cross-entropy epochs
 SCST_STEPS=${SCST_STEPS:-720} # self-critical batches after them, validated on dev every 60; 0: none
-BEAMS=${BEAMS:-5}              # beam sizes scored on dev besides greedy; the best setting is exported
+BEAMS=${BEAMS:-5}              # beam sizes scored on dev besides greedy, with each of
+PENALTIES=${PENALTIES:-1 2}    # these length penalties; the best setting is exported
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
@@ -47,27 +48,32 @@ else
     step "5/7 self-critical training: skipped (SCST_STEPS=0)"
     stages=(best)
 fi
-step "6/7 dev scores of each stage's best checkpoint with beam sizes $BEAMS (greedy: logged in training)"
+step "6/7 dev scores of each stage's best checkpoint with beam sizes $BEAMS and length penalties $PENALTIES (greedy: logged in training)"
 for stage in "${stages[@]}"; do
     for beam in $BEAMS; do
-        "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --features "$WORK/features_dev" \
-            --encoder_path "$WORK/models/encoder-$stage.ckpt" --decoder_path "$WORK/models/decoder-$stage.ckpt" \
-            --vocab_path "$WORK/vocab.pkl" --beam_size "$beam" --length_penalty 1 \
-            --output "$WORK/dev_results_$stage-beam$beam.json" --scores "$WORK/dev_scores_$stage-beam$beam.json"
+        for penalty in $PENALTIES; do
+            name="$stage-beam$beam-lp$penalty"
+            "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --features "$WORK/features_dev" \
+                --encoder_path "$WORK/models/encoder-$stage.ckpt" --decoder_path "$WORK/models/decoder-$stage.ckpt" \
+                --vocab_path "$WORK/vocab.pkl" --beam_size "$beam" --length_penalty "$penalty" \
+                --output "$WORK/dev_results_$name.json" --scores "$WORK/dev_scores_$name.json"
+        done
     done
 done
-# The stage and beam size (greedy, from the training logs, or one of BEAMS) with the best dev CIDEr.
-read -r best beam cider < <("$PYTHON" -c "import json
+# The stage and decoding (greedy, from the training logs, or one of BEAMS x PENALTIES) with the best dev CIDEr.
+read -r best beam penalty cider < <("$PYTHON" -c "import json
 logs = {'best': 'train_log.jsonl', 'scst-best': 'scst_log.jsonl'}
 found = []
 for stage in '${stages[*]}'.split():
     log = map(json.loads, open('$WORK/models/' + logs[stage]))
-    found.append((stage, 1, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
+    found.append((stage, 1, 1, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
     for beam in '$BEAMS'.split():
-        found.append((stage, beam, json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}.json'))['CIDEr']))
-print(*max(found, key=lambda f: f[2]))")
-step "7/7 export of the $best checkpoint as float16, decoding with beam $beam and length penalty 1 (dev CIDEr $cider)"
+        for penalty in '$PENALTIES'.split():
+            scores = json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}-lp{penalty}.json'))
+            found.append((stage, beam, penalty, scores['CIDEr']))
+print(*max(found, key=lambda f: f[3]))")
+step "7/7 export of the $best checkpoint as float16, decoding with beam $beam and length penalty $penalty (dev CIDEr $cider)"
 "$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
     --decoder_path "$WORK/models/decoder-$best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
-    --beam_size "$beam" --length_penalty 1
+    --beam_size "$beam" --length_penalty "$penalty"
 step "done: $OUT"

@@ -32,7 +32,7 @@ def test_shipped_model_is_small_and_records_its_decoding():
     config, decoding = decoder['config'], decoder['decoding']
     assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
         'efficientnet-lite1', 224, 'attention', True)
-    assert decoding['beam_size'] == 5 and decoding['length_penalty'] == 1
+    assert decoding['beam_size'] == 5 and decoding['length_penalty'] == 2
     assert all(v.dtype == torch.float16 for v in decoder['model'].values() if v.is_floating_point())
     assert 'train_state' not in decoder
     encoder = torch.load(os.path.join(SHIPPED, 'encoder.ckpt'), weights_only=True)
@@ -89,7 +89,8 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
     env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1',
-           'SCST_STEPS': scst_steps, 'IMAGE_SIZE': '96', 'BEAMS': '3 5'}
+           'SCST_STEPS': scst_steps, 'IMAGE_SIZE': '96', 'BEAMS': '3 5',
+           'PENALTIES': '0 2'}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -105,15 +106,17 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     if scst_steps != '0':
         validated = [json.loads(line) for line in open(tmp_path / 'work' / 'models' / 'scst_log.jsonl')]
         assert [r['epoch'] for r in validated if 'CIDEr' in r] == [1, 2]
-    found = []  # (dev CIDEr, stage, beam size) of every candidate: greedy from the training log, beams 3 and 5 scored
-    for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl']):
+    found = []  # (dev CIDEr, stage, beam size, length penalty) of every candidate: greedy from the training log,
+    for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl']):  # beams 3 and 5 x penalties 0, 2 scored
         found.append((max(json.loads(line).get('CIDEr', -1) for line in open(tmp_path / 'work' / 'models' / log_name)),
-                      stage, 1))
+                      stage, 1, 1))
         for beam in (3, 5):
-            scores = json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam{beam}.json'))
-            found.append((scores['CIDEr'], stage, beam))
-    cider, stage, beam = max(found, key=lambda f: f[0])  # the best on dev is exported
-    assert f'7/7 export of the {stage} checkpoint as float16, decoding with beam {beam}' in result.stdout
+            for penalty in (0, 2):
+                scores = json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam{beam}-lp{penalty}.json'))
+                found.append((scores['CIDEr'], stage, beam, penalty))
+    cider, stage, beam, penalty = max(found, key=lambda f: f[0])  # the best on dev is exported
+    assert (f'7/7 export of the {stage} checkpoint as float16, decoding with beam {beam} and length penalty '
+            f'{penalty} ') in result.stdout
     exported = torch.load(tmp_path / 'work' / 'models' / f'decoder-{stage}.ckpt', weights_only=True)['model']
     assert all(torch.equal(w.half().float(), decoder['model'][k].float()) for k, w in exported.items())
-    assert decoder['decoding']['beam_size'] == beam
+    assert decoder['decoding']['beam_size'] == beam and decoder['decoding']['length_penalty'] == penalty
