@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from captioner import SHIPPED_FILES
 from conftest import ROOT, run_script
 
 PHOTOS = [os.path.join(ROOT, 'png', n) for n in ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg')]
@@ -106,7 +107,7 @@ def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions):
 
     from gradio_client import Client, handle_file
     server, address = start_demo('--queue_size', '1')
-    recorded = torch.load(os.path.join(ROOT, 'models', 'flickr8k', 'decoder.ckpt'), weights_only=True)['decoding']
+    recorded = torch.load(SHIPPED_FILES[1], weights_only=True)['decoding']
 
     def one(_):
         client = Client(address, verbose=False, analytics_enabled=False, download_files=False)
