@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-import torch
 
 from captioner import SHIPPED_FILES
+from checkpoints import read_model
 from conftest import ROOT, run_script
 
 PHOTOS = [os.path.join(ROOT, 'png', n) for n in ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg')]
@@ -107,12 +107,12 @@ def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions):
 
     from gradio_client import Client, handle_file
     server, address = start_demo('--queue_size', '1')
-    recorded = torch.load(SHIPPED_FILES[1], weights_only=True)['decoding']
+    recorded = read_model(*SHIPPED_FILES[:2], classic_config=None)[1]
 
     def one(_):
         client = Client(address, verbose=False, analytics_enabled=False, download_files=False)
         try:  # asked with the shipped model's recorded decoding, as sample.py decodes
-            return client.predict(handle_file(PHOTOS[1]), recorded['beam_size'], recorded['length_penalty'],
+            return client.predict(handle_file(PHOTOS[1]), recorded.beam_size, recorded.length_penalty,
                                   api_name='/caption')[0]
         except Exception as e:  # noqa: BLE001 -- the client's error carries the server's message
             return str(e)
