@@ -8,17 +8,23 @@ reader, so a photo's caption here is sample.py's.
     python demo.py                # http://127.0.0.1:7860 ; --host 0.0.0.0 to share it on a network
 
 It listens on 127.0.0.1 unless --host says otherwise, sends nothing out (no analytics, no fonts
-or scripts from other sites), deletes each upload once read, refuses uploads over
---max_upload_mb (and images over Pillow's pixel limit), and answers one request at a time from a
-queue of --queue_size; beyond it the page says the demo is busy.
+or scripts from other sites), keeps uploads in a temporary folder of its own (removed when it
+stops), deletes each upload once read, refuses uploads over --max_upload_mb (and images over
+Pillow's pixel limit), and answers one request at a time from a queue of --queue_size; beyond it
+the page says the demo is busy.
 """
 import argparse
+import atexit
 import contextlib
 import filecmp
 import io
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import threading
+import time
 
 os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # before gradio is imported
 
@@ -33,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = [os.path.join(HERE, 'png', name) for name in
             ('example.png', 'surfers.jpg', 'skiers.jpg', 'skateboarder.jpg', 'birthday.jpg')]
 MAX_BEAMS = 10
-HOLD_SECONDS = 60  # how long what a deleted upload held stays in memory
+HOLD_SECONDS = 60  # how long what a deleted upload held stays in memory after it was last asked for
 
 
 def figure_image(image, caption, weights):
@@ -51,14 +57,15 @@ class Demo:
     """What the page calls: one loaded Captioner and the upload limits.
 
     An upload under `upload_dir` is deleted as soon as it has been read. Gradio stores identical
-    uploads as one file, so what was read from it (photo or error) is kept in memory for
-    HOLD_SECONDS, for an identical upload still waiting in the queue.
+    uploads as one file, so what was read from it (photo or error) is kept in memory until
+    HOLD_SECONDS after it was last asked for, for an identical upload still waiting in the queue.
     """
 
     def __init__(self, captioner, max_upload_bytes, upload_dir=None):
         self.captioner, self.max_upload_bytes = captioner, max_upload_bytes
         self.upload_dir = upload_dir and os.path.realpath(upload_dir)
-        self.recent = {}  # deleted upload's path -> its PIL image or InputError
+        self.recent = {}  # deleted upload's path -> (its PIL image or InputError, when last asked for)
+        self.recent_lock = threading.Lock()
 
     def read(self, path):
         """The uploaded photo, or an InputError naming the problem (never the server's temp path)."""
@@ -67,8 +74,12 @@ class Demo:
             if self.is_upload(path):
                 self.delete(path, found)
         else:  # deleted once an identical upload was read (then held for a while), or never there
-            found = self.recent.get(path, InputError(f'{os.path.basename(path)}: no longer on the server; '
-                                                     'upload it again'))
+            with self.recent_lock:
+                found, _ = self.recent.get(path, (None, None))
+            if found is None:
+                found = InputError(f'{os.path.basename(path)}: no longer on the server; upload it again')
+            else:
+                self.hold(path, found)
         if isinstance(found, InputError):
             raise found
         return found
@@ -94,10 +105,22 @@ class Demo:
         os.remove(path)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(path))
-        self.recent[path] = found
-        forget = threading.Timer(HOLD_SECONDS, self.recent.pop, (path, None))
+        self.hold(path, found)
+
+    def hold(self, path, found):
+        """Keep what a deleted upload held for HOLD_SECONDS from now (a photo may come back and be
+        deleted again meanwhile: each entry goes by its own last use, not by the timer that fires)."""
+        with self.recent_lock:
+            self.recent[path] = (found, time.monotonic())
+        forget = threading.Timer(HOLD_SECONDS, self.forget_old)
         forget.daemon = True
         forget.start()
+
+    def forget_old(self):
+        with self.recent_lock:
+            now = time.monotonic()
+            for path in [path for path, (_, asked) in self.recent.items() if now - asked >= HOLD_SECONDS]:
+                del self.recent[path]
 
     def answer(self, path, beam_size, length_penalty):
         """(caption or one-line message, beams table, attention figure or None) for one upload."""
@@ -154,8 +177,15 @@ def main(argv=None):
     except InputError as e:
         sys.exit(f'error: {e}')
     print(f'model loaded: {captioner.config.cnn} + {captioner.config.decoder}', file=sys.stderr, flush=True)
-    from gradio.utils import get_upload_folder
-    page = build_page(Demo(captioner, int(args.max_upload_mb * 2 ** 20), get_upload_folder()))
+    # Gradio's upload folder is one per machine unless told otherwise: this server gets its own (under
+    # GRADIO_TEMP_DIR, if set), so it never deletes a photo another server on the machine has queued.
+    parent = os.environ.get('GRADIO_TEMP_DIR') or tempfile.gettempdir()
+    os.makedirs(parent, exist_ok=True)
+    upload_dir = tempfile.mkdtemp(prefix='demo-uploads-', dir=parent)
+    os.environ['GRADIO_TEMP_DIR'] = upload_dir  # before gradio is imported
+    atexit.register(shutil.rmtree, upload_dir, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a terminated server removes it too
+    page = build_page(Demo(captioner, int(args.max_upload_mb * 2 ** 20), upload_dir))
     page.queue(max_size=args.queue_size, default_concurrency_limit=1)
     page.launch(server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 2 ** 20),
                 share=False, show_error=False, quiet=True, footer_links=[], ssr_mode=False)

@@ -71,16 +71,39 @@ def test_uploads_are_deleted_once_read(tmp_path, monkeypatch, sample_captions):
     assert page.answer(upload, *recorded)[0] == 'error: my_photo.jpg: no longer on the server; upload it again'
 
 
+def test_a_queued_twin_outlives_an_earlier_deletion_of_its_photo(tmp_path, monkeypatch):
+    """The same photo uploaded, read, uploaded again and read again: a twin still queued after the
+    first hold ran out is answered, since the photo was held afresh; held until unasked for long."""
+    import demo
+    from errors import InputError
+    monkeypatch.setattr(demo, 'HOLD_SECONDS', 2)
+    page = demo.Demo(captioner=None, max_upload_bytes=2 ** 20, upload_dir=tmp_path)
+    (tmp_path / 'a1').mkdir()
+    upload = str(tmp_path / 'a1' / 'my_photo.jpg')
+    size = page.read(shutil.copy(PHOTOS[1], upload)).size
+    time.sleep(1.2)
+    (tmp_path / 'a1').mkdir()
+    assert page.read(shutil.copy(PHOTOS[1], upload)).size == size  # the photo came back
+    time.sleep(1.2)  # the first hold has run out, the second has not
+    assert page.read(upload).size == size
+    time.sleep(2.3)  # asked for last 2.3 s ago
+    assert page.recent == {}
+    with pytest.raises(InputError, match='my_photo.jpg: no longer on the server; upload it again'):
+        page.read(upload)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
-def start_demo(*flags):
-    """demo.py on a free port of 127.0.0.1, once its page answers: (process, address)."""
+def start_demo(*flags, temp_dir=None):
+    """demo.py on a free port of 127.0.0.1 (its temp files under temp_dir, if given), once its page
+    answers: (process, address)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port), *flags], cwd=ROOT,
+    env = {**os.environ, 'GRADIO_TEMP_DIR': str(temp_dir)} if temp_dir else None
+    server = subprocess.Popen([sys.executable, 'demo.py', '--port', str(port), *flags], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
     deadline = time.time() + 180
@@ -101,12 +124,15 @@ def demo_server():
     server.wait(30)
 
 
-def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions):
-    """With a queue of 1, of 5 simultaneous requests some are answered and the rest told to retry."""
+def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions, tmp_path):
+    """With a queue of 1, of 5 simultaneous requests some are answered and the rest told to retry.
+    The server keeps its files in a folder of its own, removed when it is stopped."""
     from concurrent.futures import ThreadPoolExecutor
 
     from gradio_client import Client, handle_file
-    server, address = start_demo('--queue_size', '1')
+    server, address = start_demo('--queue_size', '1', temp_dir=tmp_path)
+    own = os.listdir(tmp_path)
+    assert len(own) == 1 and own[0].startswith('demo-uploads-'), own
     recorded = read_model(*SHIPPED_FILES[:2], classic_config=None)[1]
 
     def one(_):
@@ -123,6 +149,7 @@ def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions):
         server.terminate()
         server.wait(30)
     assert set(answers) == {sample_captions['surfers.jpg'], 'Queue is full! Please try again.'}, answers
+    assert os.listdir(tmp_path) == []
 
 
 def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
