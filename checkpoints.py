@@ -97,6 +97,13 @@ def read_model(encoder_path, decoder_path, classic_config):
     return config, decoding, dict(enc['model']), dict(dec['model']), dec
 
 
+def blend_states(first, second, weight):
+    """Each floating-point tensor as (1 - weight) * first + weight * second, in float32; other
+    tensors (BatchNorm's batch count) from `second`. Both must hold the same tensors."""
+    return {key: ((1 - weight) * first[key].float() + weight * value.float()) if value.is_floating_point()
+            else value for key, value in second.items()}
+
+
 def load_weights(module, state, path, skip_prefix=None):
     """Load `state` into `module`, with one clear error for any missing, extra or mis-shaped tensor.
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the shipped model models/flickr8k/ from the official Flickr8k files, with this repo's
 # own scripts: converter -> vocabulary -> cached features -> cross-entropy training ->
-# self-critical training -> dev scores -> export of the stage and decoding that score best on dev.
+# self-critical training -> blends of the two -> dev scores -> export of the model and decoding
+# that score best on dev.
 #
 #   bash train_flickr8k.sh DATA_DIR      # DATA_DIR holds Flickr8k.token.txt, the split lists and Images/
 #
@@ -15,6 +16,7 @@ CNN=${CNN:-efficientnet-lite1}
 IMAGE_SIZE=${IMAGE_SIZE:-224}  # photos are squared to this; Lite1 at its own 240 px: same dev score, slower
 EPOCHS=${EPOCHS:-4}            # cross-entropy epochs
 SCST_STEPS=${SCST_STEPS:-720}  # self-critical batches after them, validated on dev every 60; 0: none
+BLENDS=${BLENDS:-0.85}         # the self-critical model's shares in blends with the cross-entropy one
 BEAMS=${BEAMS:-5}              # beam sizes scored on dev besides greedy, with each of
 PENALTIES=${PENALTIES:-1 2}    # these length penalties; the best setting is exported
 PYTHON=${PYTHON:-python}
@@ -44,11 +46,16 @@ if (( SCST_STEPS > 0 )); then
     "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$rounds" \
         --epoch_steps $(( SCST_STEPS / rounds )) --batch_size 250 --samples 5 --learning_rate 1e-4
     stages=(best scst-best)
+    for share in $BLENDS; do  # every weight (1 - share) x cross-entropy + share x self-critical
+        "$PYTHON" blend_checkpoints.py --first "$WORK/models/decoder-best.ckpt" \
+            --second "$WORK/models/decoder-scst-best.ckpt" --weight "$share" --output "$WORK/models/decoder-blend$share.ckpt"
+        stages+=("blend$share")
+    done
 else
     step "5/7 self-critical training: skipped (SCST_STEPS=0)"
     stages=(best)
 fi
-step "6/7 dev scores of each stage's best checkpoint with beam sizes $BEAMS and length penalties $PENALTIES (greedy: logged in training)"
+step "6/7 dev scores of each stage's best checkpoint (and each blend) with beam sizes $BEAMS and length penalties $PENALTIES (greedy: logged in training)"
 for stage in "${stages[@]}"; do
     for beam in $BEAMS; do
         for penalty in $PENALTIES; do
@@ -60,19 +67,20 @@ for stage in "${stages[@]}"; do
         done
     done
 done
-# The stage and decoding (greedy, from the training logs, or one of BEAMS x PENALTIES) with the best dev CIDEr.
+# The model and decoding (greedy, from the training logs, or one of BEAMS x PENALTIES) with the best dev CIDEr.
 read -r best beam penalty cider < <("$PYTHON" -c "import json
 logs = {'best': 'train_log.jsonl', 'scst-best': 'scst_log.jsonl'}
 found = []
 for stage in '${stages[*]}'.split():
-    log = map(json.loads, open('$WORK/models/' + logs[stage]))
-    found.append((stage, 1, 1, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
+    if stage in logs:  # blends were never decoded greedily
+        log = map(json.loads, open('$WORK/models/' + logs[stage]))
+        found.append((stage, 1, 1, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
     for beam in '$BEAMS'.split():
         for penalty in '$PENALTIES'.split():
             scores = json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}-lp{penalty}.json'))
             found.append((stage, beam, penalty, scores['CIDEr']))
 print(*max(found, key=lambda f: f[3]))")
-step "7/7 export of the $best checkpoint as float16, decoding with beam $beam and length penalty $penalty (dev CIDEr $cider)"
+step "7/7 export of the $best model as float16, decoding with beam $beam and length penalty $penalty (dev CIDEr $cider)"
 "$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
     --decoder_path "$WORK/models/decoder-$best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
     --beam_size "$beam" --length_penalty "$penalty"

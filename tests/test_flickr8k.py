@@ -89,7 +89,7 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
     env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1',
-           'SCST_STEPS': scst_steps, 'IMAGE_SIZE': '96', 'BEAMS': '3 5',
+           'SCST_STEPS': scst_steps, 'BLENDS': '0.5', 'IMAGE_SIZE': '96', 'BEAMS': '3 5',
            'PENALTIES': '0 2'}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
@@ -101,21 +101,23 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
         'efficientnet-lite1', 96, 'attention', True)
     assert decoder['decoding']['beam_size'] in (1, 3, 5)
-    stages = ['best', 'scst-best'] if scst_steps != '0' else ['best']
-    assert (tmp_path / 'work' / 'models' / 'decoder-scst-best.ckpt').exists() == (len(stages) == 2)
+    stages = ['best', 'scst-best', 'blend0.5'] if scst_steps != '0' else ['best']  # blend: half of each
+    for stage in ('scst-best', 'blend0.5'):
+        assert (tmp_path / 'work' / 'models' / f'decoder-{stage}.ckpt').exists() == (len(stages) == 3)
     if scst_steps != '0':
         validated = [json.loads(line) for line in open(tmp_path / 'work' / 'models' / 'scst_log.jsonl')]
         assert [r['epoch'] for r in validated if 'CIDEr' in r] == [1, 2]
     found = []  # (dev CIDEr, stage, beam size, length penalty) of every candidate: greedy from the training log,
-    for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl']):  # beams 3 and 5 x penalties 0, 2 scored
-        found.append((max(json.loads(line).get('CIDEr', -1) for line in open(tmp_path / 'work' / 'models' / log_name)),
-                      stage, 1, 1))
+    for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl', None]):  # beams 3, 5 x penalties 0, 2
+        if log_name:  # the blend was not decoded greedily
+            found.append((max(json.loads(line).get('CIDEr', -1) for line in open(tmp_path / 'work' / 'models' / log_name)),
+                          stage, 1, 1))
         for beam in (3, 5):
             for penalty in (0, 2):
                 scores = json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam{beam}-lp{penalty}.json'))
                 found.append((scores['CIDEr'], stage, beam, penalty))
     cider, stage, beam, penalty = max(found, key=lambda f: f[0])  # the best on dev is exported
-    assert (f'7/7 export of the {stage} checkpoint as float16, decoding with beam {beam} and length penalty '
+    assert (f'7/7 export of the {stage} model as float16, decoding with beam {beam} and length penalty '
             f'{penalty} ') in result.stdout
     exported = torch.load(tmp_path / 'work' / 'models' / f'decoder-{stage}.ckpt', weights_only=True)['model']
     assert all(torch.equal(w.half().float(), decoder['model'][k].float()) for k, w in exported.items())

@@ -1,0 +1,57 @@
+"""blend_checkpoints.py: weight-space blends of two checkpoints of one model."""
+import os
+
+import pytest
+import torch
+
+import blend_checkpoints
+import sample
+from checkpoints import read_model, write_model
+from conftest import ROOT
+from model import ModelConfig
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_blend_is_the_weighted_mean_and_captions(tiny_model, tmp_path, capsys):
+    first, second = str(tiny_model['models'] / 'decoder-1-4.ckpt'), tiny_model['decoder']
+    out = tmp_path / 'decoder-blend.ckpt'
+    assert blend_checkpoints.main(['--first', first, '--second', second, '--weight', '0.25', '--output', str(out)]) == 0
+    blend, a, b = weights(out), weights(first), weights(second)
+    assert 'train_state' not in blend and blend['decoding'] == b['decoding'] and blend['config'] == b['config']
+    assert not torch.equal(a['model']['embed.weight'], b['model']['embed.weight'])
+    for key, value in b['model'].items():
+        expected = 0.75 * a['model'][key] + 0.25 * value if value.is_floating_point() else value
+        torch.testing.assert_close(blend['model'][key], expected)
+    encoder = weights(tmp_path / 'encoder-blend.ckpt')['model']
+    torch.testing.assert_close(encoder['bn.running_mean'], 0.75 * weights(tiny_model['models'] / 'encoder-1-4.ckpt')[
+        'model']['bn.running_mean'] + 0.25 * weights(tiny_model['encoder'])['model']['bn.running_mean'])
+    for weight, same_as in (('0', a), ('1', b)):  # the ends are the two models themselves
+        blend_checkpoints.main(['--first', first, '--second', second, '--weight', weight, '--output', str(out)])
+        assert all(torch.equal(v, same_as['model'][k]) for k, v in weights(out)['model'].items())
+    captions = []
+    for encoder, decoder in ((tmp_path / 'encoder-blend.ckpt', out), (tiny_model['encoder'], second)):
+        capsys.readouterr()
+        sample.main(['--image', os.path.join(ROOT, 'png', 'example.png'), '--encoder_path', str(encoder),
+                     '--decoder_path', str(decoder), '--vocab_path', tiny_model['vocab'], '--device', 'cpu'])
+        captions.append(capsys.readouterr().out)
+    assert captions[0].strip() and captions[0] == captions[1]  # weight 1 captions as the second model does
+
+
+def test_blend_refuses_bad_input_and_keeps_the_models(tiny_model, tmp_path, capsys):
+    first, second = str(tiny_model['models'] / 'decoder-1-4.ckpt'), tiny_model['decoder']
+    before = open(second, 'rb').read()
+    config, decoding, encoder, decoder, _ = read_model(tiny_model['encoder'], second, None)
+    wider = ModelConfig(**{**config.__dict__, 'hidden_size': config.hidden_size + 1})
+    write_model(str(tmp_path / 'encoder-wide.ckpt'), str(tmp_path / 'decoder-wide.ckpt'), wider, decoding, encoder, decoder)
+    cases = [(['--weight', '1.5', '--output', str(tmp_path / 'decoder-x.ckpt')], '--weight 1.5: must be between 0 and 1'),
+             (['--weight', '0.5', '--output', tiny_model['encoder']], 'would overwrite one of the models blended'),
+             (['--weight', '0.5', '--output', str(tmp_path / 'decoder-x.ckpt'), '--second', str(tmp_path / 'decoder-wide.ckpt')],
+              'decoder-wide.ckpt: a different model from')]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            blend_checkpoints.main(['--first', first, '--second', second, *extra])
+        assert message in str(exit_.value) and str(exit_.value).startswith('error: ')
+    assert open(second, 'rb').read() == before and not (tmp_path / 'decoder-x.ckpt').exists()
