@@ -8,6 +8,7 @@ of locations, and before every word the LSTM looks at a weighted mean of them.
 Submodule names (`linear`, `bn`; `embed`, `lstm`, `linear`) are the classic tutorial's, so its
 published state_dicts load unchanged (its `resnet.*` keys are read as `backbone.*`).
 """
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -159,8 +160,8 @@ class EncoderCNN(nn.Module):
                 maps = layers(images)
             else:
                 stem, body = self.split_backbone()
-                x = stem(images)
-                with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                x = stem(images)  # --precision bf16: the body alone in bfloat16; else as autocast says
+                with torch.autocast(images.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
                     maps = body(x).float()
         return maps.flatten(2).transpose(1, 2) if self.spatial else maps.mean((2, 3))
 
@@ -203,12 +204,12 @@ class DecoderRNN(nn.Module):
     def start(self, features):
         """Log-probabilities of the first word (<start>, once trained) and the LSTM state."""
         hiddens, states = self.lstm(self.dropout(features).unsqueeze(1))
-        return self.linear(self.dropout(hiddens.squeeze(1))).log_softmax(-1), states
+        return self.linear(self.dropout(hiddens.squeeze(1))).float().log_softmax(-1), states
 
     def step(self, words, states):
         """Feed the previous words; log-probabilities of the next ones and the new state."""
         hiddens, states = self.lstm(self.dropout(self.embed(words)).unsqueeze(1), states)
-        return self.linear(self.dropout(hiddens.squeeze(1))).log_softmax(-1), states
+        return self.linear(self.dropout(hiddens.squeeze(1))).float().log_softmax(-1), states
 
     @staticmethod
     def select(states, rows):
@@ -274,11 +275,11 @@ class AttentionDecoder(nn.Module):
 
     def start(self, features):
         out, state = self.advance(self.dropout(features.mean(1)), self.initial_state(features))
-        return self.linear(self.dropout(out)).log_softmax(-1), state
+        return self.linear(self.dropout(out)).float().log_softmax(-1), state
 
     def step(self, words, state):
         out, state = self.advance(self.dropout(self.embed(words)), state)
-        return self.linear(self.dropout(out)).log_softmax(-1), state
+        return self.linear(self.dropout(out)).float().log_softmax(-1), state
 
     @staticmethod
     def select(state, rows):
@@ -405,29 +406,42 @@ def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_pe
 
 
 def sample(decoder, features, end_id, max_length=20, guard=None):
-    """Draw one caption per row of `features` from the model (multinomial, for self-critical
-    training), never a word that `guard` bans.
+    """Draw one caption per row of `features` from the model (for self-critical training), never a
+    word that `guard` bans.
 
     Returns the word ids (B, steps), <end> after each caption's first <end>; the log-probability
     of each drawn word (B, steps), with gradient; and a mask (B, steps) of the words up to and
-    including each caption's first <end>.
+    including each caption's first <end>. Finished captions leave the batch once they are a
+    quarter of it (not at every step: each leaving copies the whole state, attention features too).
     """
+    size = features.size(0)
+    words = torch.full((size, max_length), end_id, dtype=torch.long, device=features.device)
+    mask = torch.zeros(size, max_length, dtype=torch.bool, device=features.device)
+    chosen = []
+    rows = torch.arange(size, device=features.device)  # the batch rows whose states `state` holds
+    running = torch.ones(size, dtype=torch.bool, device=features.device)  # which of them have not ended
     log_probs, state = decoder.start(features)
-    words, chosen, mask = [], [], []
-    running = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
     for t in range(max_length):
         if t:
-            log_probs, state = decoder.step(words[-1], state)
+            log_probs, state = decoder.step(words[rows, t - 1], state)
         if guard:  # the policy sampled and trained is the guarded one, renormalised (and never all zeros)
-            log_probs = guard(log_probs, torch.stack(words, 1) if t else None,
-                              last_step=t == max_length - 1).log_softmax(-1)
-        drawn = torch.multinomial(log_probs.detach().float().exp(), 1).squeeze(1)
-        drawn = torch.where(running, drawn, torch.full_like(drawn, end_id))
-        words.append(drawn)
-        chosen.append(log_probs.gather(1, drawn.unsqueeze(1)).squeeze(1))
-        mask.append(running)
+            log_probs = guard(log_probs, words[rows, :t] if t else None, last_step=t == max_length - 1).log_softmax(-1)
+        drawn = draw(log_probs.detach()).masked_fill(~running, end_id)
+        words[rows, t], mask[rows, t] = drawn, running
+        picked = log_probs.gather(1, drawn.unsqueeze(1)).squeeze(1).masked_fill(~running, 0.0)
+        chosen.append(picked.new_zeros(size).index_put((rows,), picked))
         running = running & (drawn != end_id)
         if not running.any():
             break
-    mask = torch.stack(mask, 1)
-    return torch.stack(words, 1), torch.stack(chosen, 1).masked_fill(~mask, 0.0), mask.float()
+        if running.sum() <= 0.75 * len(rows):
+            rows, state, running = rows[running], decoder.select(state, running), running[running]
+    steps = len(chosen)
+    return words[:, :steps], torch.stack(chosen, 1), mask[:, :steps].float()
+
+
+def draw(log_probs):
+    """One word per row, drawn with the probabilities exp(log_probs) (inverse CDF: a cumulative sum
+    and a binary search, several times faster than torch.multinomial over a whole vocabulary)."""
+    cumulative = log_probs.float().exp().cumsum(1)
+    threshold = torch.rand(log_probs.size(0), 1, device=log_probs.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, threshold, right=True).squeeze(1).clamp_(max=log_probs.size(1) - 1)
