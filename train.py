@@ -34,7 +34,6 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from tqdm import tqdm
 
-from bf16 import native_bf16
 from build_vocab import load_vocab, tokenize
 from captioner import Captioner, caption_guard, pick_device
 from checkpoints import load_weights, model_files, read_model, write_model
@@ -91,8 +90,7 @@ def add_training_flags(parser):
     parser.add_argument('--seed', type=int, default=0, help='seeds the weights, the shuffle and the augmentation')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu, cuda:1")
     parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
-                        help='mixed precision (default: on where the device computes bfloat16 natively '
-                             '(a CPU with AMX or AVX-512 BF16) and with CUDA, off elsewhere)')
+                        help='mixed precision (default: on with CUDA, off elsewhere)')
     parser.add_argument('--resume', help="a checkpoint to continue from, or 'latest' in --model_path")
     parser.add_argument('--keep_last', type=int, default=0,
                         help='keep only the newest N step checkpoints (0 = keep all)')
@@ -315,7 +313,7 @@ class Trainer:
         self.model = CaptionModel(self.encoder, self.decoder).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
-        self.use_amp = args.amp if args.amp is not None else self.device.type == 'cuda' or native_bf16(self.device)
+        self.use_amp = args.amp if args.amp is not None else self.device.type == 'cuda'
         self.amp_dtype = torch.float16 if self.device.type == 'cuda' and not torch.cuda.is_bf16_supported() \
             else torch.bfloat16
         self.scaler = torch.amp.GradScaler(enabled=self.use_amp and self.amp_dtype == torch.float16)
