@@ -435,3 +435,22 @@ def test_folded_backbone_gives_the_same_features_without_batchnorm(cnn, size):
     assert len([m for m in encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]) == len(norms) > 15
     expected = encoder.backbone_features(images)
     torch.testing.assert_close(encoder.backbone_features(images, layers), expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'attention-deep'])
+def test_log_probabilities_stay_float32_under_bfloat16_autocast(kind):
+    """Sampling draws from, and self-critical training weighs, the decoders' log-probabilities:
+    under autocast they are computed in float32 (bfloat16 would round them to 3 digits)."""
+    torch.manual_seed(0)
+    decoder, make_features = tiny_decoder(kind, 8, 16, 50)
+    features, words = make_features(4), torch.tensor([4, 5, 6, 7])
+    with torch.no_grad():
+        exact, state = decoder.start(features)
+        exact_step = decoder.step(words, state)[0]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            mixed, state = decoder.start(features)
+            mixed_step = decoder.step(words, state)[0]
+    for got, want in ((mixed, exact), (mixed_step, exact_step)):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.exp().sum(1), torch.ones(4), atol=1e-6)
+        assert torch.allclose(got, want, atol=0.05)
