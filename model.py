@@ -180,6 +180,12 @@ class EncoderCNN(nn.Module):
         return self.project(self.backbone_features(images))
 
 
+def word_log_probs(scores):
+    """Log-probabilities of the next word from the output layer's scores, in float32 even under
+    mixed-precision autocast (bfloat16 would round them to ~3 digits before sampling and beam search)."""
+    return scores.float().log_softmax(-1)
+
+
 class DecoderRNN(nn.Module):
     """Show and Tell: an LSTM language model whose first input is the image embedding.
 
@@ -204,12 +210,12 @@ class DecoderRNN(nn.Module):
     def start(self, features):
         """Log-probabilities of the first word (<start>, once trained) and the LSTM state."""
         hiddens, states = self.lstm(self.dropout(features).unsqueeze(1))
-        return self.linear(self.dropout(hiddens.squeeze(1))).float().log_softmax(-1), states
+        return word_log_probs(self.linear(self.dropout(hiddens.squeeze(1)))), states
 
     def step(self, words, states):
         """Feed the previous words; log-probabilities of the next ones and the new state."""
         hiddens, states = self.lstm(self.dropout(self.embed(words)).unsqueeze(1), states)
-        return self.linear(self.dropout(hiddens.squeeze(1))).float().log_softmax(-1), states
+        return word_log_probs(self.linear(self.dropout(hiddens.squeeze(1)))), states
 
     @staticmethod
     def select(states, rows):
@@ -275,11 +281,11 @@ class AttentionDecoder(nn.Module):
 
     def start(self, features):
         out, state = self.advance(self.dropout(features.mean(1)), self.initial_state(features))
-        return self.linear(self.dropout(out)).float().log_softmax(-1), state
+        return word_log_probs(self.linear(self.dropout(out))), state
 
     def step(self, words, state):
         out, state = self.advance(self.dropout(self.embed(words)), state)
-        return self.linear(self.dropout(out)).float().log_softmax(-1), state
+        return word_log_probs(self.linear(self.dropout(out))), state
 
     @staticmethod
     def select(state, rows):
