@@ -3,10 +3,11 @@
 Self-critical training moves the cross-entropy model towards captions that score well but say
 less; a model part of the way between the two can score better on dev than either (weight-space
 interpolation, as in WiSE-FT: Wortsman et al., "Robust fine-tuning of zero-shot models", 2022).
-train_flickr8k.sh scores such blends on dev beside the two models themselves.
+The first side may be the mean of several checkpoints (e.g. the last cross-entropy epochs:
+checkpoint averaging). train_flickr8k.sh scores such blends on dev beside the two models themselves.
 
-  python blend_checkpoints.py --first models/decoder-best.ckpt --second models/decoder-scst-best.ckpt \\
-      --weight 0.85 --output models/decoder-blend85.ckpt
+  python blend_checkpoints.py --first models/decoder-3-235.ckpt models/decoder-4-235.ckpt \\
+      --second models/decoder-scst-best.ckpt --weight 0.85 --output models/decoder-blend85.ckpt
 
 Each path names a model by either of its two files; both files of the blend are written, with
 the second model's decoding settings and no training state.
@@ -14,38 +15,43 @@ the second model's decoding settings and no training state.
 import argparse
 import sys
 
-from checkpoints import blend_states, model_files, read_model, write_model
+from checkpoints import average_states, blend_states, model_files, read_model, write_model
 from errors import InputError
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--first', required=True, help='a model file (weight 0)')
+    parser.add_argument('--first', required=True, nargs='+',
+                        help='a model file (weight 0), or several files of one model: their mean')
     parser.add_argument('--second', required=True, help='a model file of the same architecture (weight 1)')
     parser.add_argument('--weight', type=float, required=True, help="the second model's share, 0 to 1")
     parser.add_argument('--output', required=True, help='encoder-NAME.ckpt or decoder-NAME.ckpt: both are written')
     args = parser.parse_args(argv)
+    paths = args.first + [args.second]
     try:
         if not 0 <= args.weight <= 1:
             raise InputError(f'--weight {args.weight}: must be between 0 and 1')
-        first, second = (read_model(*model_files(path), None) for path in (args.first, args.second))
-        for path, model in ((args.first, first), (args.second, second)):
+        models = [read_model(*model_files(path), None) for path in paths]
+        for path, model in zip(paths, models):
             if model[0] is None:
                 raise InputError(f'{path}: a plain state_dict, not a train.py checkpoint')
-        if first[0] != second[0]:
-            raise InputError(f'{args.second}: a different model from {args.first} ({second[0]} against {first[0]})')
-        for part, path in ((2, 'encoder'), (3, 'decoder')):
-            if first[part].keys() != second[part].keys():
-                raise InputError(f'{args.second}: its {path} holds other tensors than that of {args.first}')
+        for path, model in zip(paths[1:], models[1:]):
+            if model[0] != models[0][0]:
+                raise InputError(f'{path}: a different model from {paths[0]} ({model[0]} against {models[0][0]})')
+            for part, name in ((2, 'encoder'), (3, 'decoder')):
+                if model[part].keys() != models[0][part].keys():
+                    raise InputError(f'{path}: its {name} holds other tensors than that of {paths[0]}')
         outputs = model_files(args.output)
-        if set(outputs) & set(model_files(args.first) + model_files(args.second)):
+        if set(outputs) & {file for path in paths for file in model_files(path)}:
             raise InputError(f'{args.output}: would overwrite one of the models blended')
-        config, decoding = second[:2]
-        write_model(*outputs, config, decoding, blend_states(first[2], second[2], args.weight),
-                    blend_states(first[3], second[3], args.weight))
+        firsts, second = models[:-1], models[-1]
+        encoder, decoder = (blend_states(average_states([model[part] for model in firsts]), second[part], args.weight)
+                            for part in (2, 3))
+        write_model(*outputs, *second[:2], encoder, decoder)
     except InputError as e:
         sys.exit(f'error: {e}')
-    print(f'wrote {outputs[0]} and {outputs[1]}: {1 - args.weight:g} x {args.first} + {args.weight:g} x {args.second}')
+    first = args.first[0] if len(args.first) == 1 else f'the mean of {" and ".join(args.first)}'
+    print(f'wrote {outputs[0]} and {outputs[1]}: {1 - args.weight:g} x {first} + {args.weight:g} x {args.second}')
     return 0
 
 

@@ -97,6 +97,13 @@ def read_model(encoder_path, decoder_path, classic_config):
     return config, decoding, dict(enc['model']), dict(dec['model']), dec
 
 
+def average_states(states):
+    """Each floating-point tensor's mean over `states` (checkpoint averaging), in float32; other
+    tensors from the last. All must hold the same tensors."""
+    return {key: sum(state[key].float() for state in states) / len(states) if value.is_floating_point()
+            else value for key, value in states[-1].items()}
+
+
 def blend_states(first, second, weight):
     """Each floating-point tensor as (1 - weight) * first + weight * second, in float32; other
     tensors (BatchNorm's batch count) from `second`. Both must hold the same tensors."""

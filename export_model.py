@@ -2,8 +2,8 @@
 
 Writes encoder.ckpt, decoder.ckpt and vocab.pkl into --output_dir. The optimizer and
 training state are dropped, weights are stored as float16 (loaded back as float32),
-and --beam_size / --length_penalty are recorded so that sample.py and evaluate.py
-decode with them by default.
+and --beam_size / --length_penalty / --no_repeat are recorded so that sample.py and
+evaluate.py decode with them by default.
 """
 import argparse
 import os
@@ -25,6 +25,8 @@ def main(argv=None):
     parser.add_argument('--output_dir', default='models/flickr8k')
     parser.add_argument('--beam_size', type=int, default=Decoding.beam_size)
     parser.add_argument('--length_penalty', type=float, default=Decoding.length_penalty)
+    parser.add_argument('--no_repeat', type=int, default=Decoding.no_repeat,
+                        help='never repeat a phrase of this many words (0 = allow)')
     parser.add_argument('--fp32', action='store_true', help='keep float32 weights')
     args = parser.parse_args(argv)
     try:
@@ -35,12 +37,13 @@ def main(argv=None):
         sys.exit(f'error: {e}')
     dtype = torch.float32 if args.fp32 else torch.float16
     shrink = lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    decoding = Decoding(beam_size=args.beam_size, length_penalty=args.length_penalty)
+    decoding = Decoding(beam_size=args.beam_size, length_penalty=args.length_penalty, no_repeat=args.no_repeat)
     paths = [os.path.join(args.output_dir, name) for name in ('encoder.ckpt', 'decoder.ckpt', 'vocab.pkl')]
     write_model(paths[0], paths[1], config, decoding, shrink(encoder), shrink(decoder))
     shutil.copyfile(args.vocab_path, paths[2])
     size = sum(os.path.getsize(p) for p in paths)
-    print(f'wrote {args.output_dir}: {size / 1e6:.1f} MB, beam {args.beam_size}, length penalty {args.length_penalty}')
+    print(f'wrote {args.output_dir}: {size / 1e6:.1f} MB, beam {args.beam_size}, length penalty {args.length_penalty}, '
+          f'no_repeat {args.no_repeat}')
 
 
 if __name__ == '__main__':

@@ -16,9 +16,11 @@ CNN=${CNN:-efficientnet-lite1}
 IMAGE_SIZE=${IMAGE_SIZE:-224}  # photos are squared to this; Lite1 at its own 240 px: same dev score, slower
 EPOCHS=${EPOCHS:-4}            # cross-entropy epochs
 SCST_STEPS=${SCST_STEPS:-720}  # self-critical batches after them, validated on dev every 60; 0: none
-BLENDS=${BLENDS:-0.85}         # the self-critical model's shares in blends with the cross-entropy one
+BLENDS=${BLENDS:-0.85}         # the self-critical model's shares in blends with the cross-entropy one,
+CE_MEAN=${CE_MEAN:-3}          # whose weights are the mean of its last 3 epochs' (1: its best epoch's)
 BEAMS=${BEAMS:-5}              # beam sizes scored on dev besides greedy, with each of
-PENALTIES=${PENALTIES:-1 2}    # these length penalties; the best setting is exported
+PENALTIES=${PENALTIES:-1 2}    # these length penalties and
+NO_REPEATS=${NO_REPEATS:-2}    # these repeat rules (no phrase of N words twice); the best setting is exported
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
 start=$SECONDS
@@ -46,8 +48,15 @@ if (( SCST_STEPS > 0 )); then
     "$PYTHON" train.py "${common[@]}" --scst --init_from "$WORK/models/decoder-best.ckpt" --num_epochs "$rounds" \
         --epoch_steps $(( SCST_STEPS / rounds )) --batch_size 250 --samples 5 --learning_rate 1e-4
     stages=(best scst-best)
+    cross_entropy=("$WORK/models/decoder-best.ckpt")
+    if (( CE_MEAN > 1 )); then  # each epoch's last checkpoint
+        cross_entropy=()
+        for (( epoch = EPOCHS > CE_MEAN ? EPOCHS - CE_MEAN + 1 : 1; epoch <= EPOCHS; epoch++ )); do
+            cross_entropy+=("$(ls -v "$WORK/models/decoder-$epoch-"*.ckpt | tail -1)")
+        done
+    fi
     for share in $BLENDS; do  # every weight (1 - share) x cross-entropy + share x self-critical
-        "$PYTHON" blend_checkpoints.py --first "$WORK/models/decoder-best.ckpt" \
+        "$PYTHON" blend_checkpoints.py --first "${cross_entropy[@]}" \
             --second "$WORK/models/decoder-scst-best.ckpt" --weight "$share" --output "$WORK/models/decoder-blend$share.ckpt"
         stages+=("blend$share")
     done
@@ -55,33 +64,38 @@ else
     step "5/7 self-critical training: skipped (SCST_STEPS=0)"
     stages=(best)
 fi
-step "6/7 dev scores of each stage's best checkpoint (and each blend) with beam sizes $BEAMS and length penalties $PENALTIES (greedy: logged in training)"
+step "6/7 dev scores of each stage's best checkpoint (and each blend) with beam sizes $BEAMS, length penalties $PENALTIES and repeat rules $NO_REPEATS (greedy: logged in training)"
 for stage in "${stages[@]}"; do
     for beam in $BEAMS; do
         for penalty in $PENALTIES; do
-            name="$stage-beam$beam-lp$penalty"
-            "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --features "$WORK/features_dev" \
-                --encoder_path "$WORK/models/encoder-$stage.ckpt" --decoder_path "$WORK/models/decoder-$stage.ckpt" \
-                --vocab_path "$WORK/vocab.pkl" --beam_size "$beam" --length_penalty "$penalty" \
-                --output "$WORK/dev_results_$name.json" --scores "$WORK/dev_scores_$name.json"
+            for no_repeat in $NO_REPEATS; do
+                name="$stage-beam$beam-lp$penalty-nr$no_repeat"
+                "$PYTHON" evaluate.py --caption_path "$WORK/captions_dev.json" --features "$WORK/features_dev" \
+                    --encoder_path "$WORK/models/encoder-$stage.ckpt" --decoder_path "$WORK/models/decoder-$stage.ckpt" \
+                    --vocab_path "$WORK/vocab.pkl" --beam_size "$beam" --length_penalty "$penalty" --no_repeat "$no_repeat" \
+                    --output "$WORK/dev_results_$name.json" --scores "$WORK/dev_scores_$name.json"
+            done
         done
     done
 done
-# The model and decoding (greedy, from the training logs, or one of BEAMS x PENALTIES) with the best dev CIDEr.
-read -r best beam penalty cider < <("$PYTHON" -c "import json
+# The model and decoding (greedy with training's repeat rule, from the training logs, or one of
+# BEAMS x PENALTIES x NO_REPEATS) with the best dev CIDEr.
+read -r best beam penalty no_repeat cider < <("$PYTHON" -c "import json
+from model import Decoding
 logs = {'best': 'train_log.jsonl', 'scst-best': 'scst_log.jsonl'}
 found = []
 for stage in '${stages[*]}'.split():
     if stage in logs:  # blends were never decoded greedily
         log = map(json.loads, open('$WORK/models/' + logs[stage]))
-        found.append((stage, 1, 1, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
+        found.append((stage, 1, 1, Decoding.no_repeat, max(r['CIDEr'] for r in log if 'CIDEr' in r)))
     for beam in '$BEAMS'.split():
         for penalty in '$PENALTIES'.split():
-            scores = json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}-lp{penalty}.json'))
-            found.append((stage, beam, penalty, scores['CIDEr']))
-print(*max(found, key=lambda f: f[3]))")
-step "7/7 export of the $best model as float16, decoding with beam $beam and length penalty $penalty (dev CIDEr $cider)"
+            for no_repeat in '$NO_REPEATS'.split():
+                scores = json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}-lp{penalty}-nr{no_repeat}.json'))
+                found.append((stage, beam, penalty, no_repeat, scores['CIDEr']))
+print(*max(found, key=lambda f: f[4]))")
+step "7/7 export of the $best model as float16, decoding with beam $beam, length penalty $penalty and no_repeat $no_repeat (dev CIDEr $cider)"
 "$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
     --decoder_path "$WORK/models/decoder-$best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
-    --beam_size "$beam" --length_penalty "$penalty"
+    --beam_size "$beam" --length_penalty "$penalty" --no_repeat "$no_repeat"
 step "done: $OUT"

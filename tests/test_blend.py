@@ -40,6 +40,22 @@ def test_blend_is_the_weighted_mean_and_captions(tiny_model, tmp_path, capsys):
     assert captions[0].strip() and captions[0] == captions[1]  # weight 1 captions as the second model does
 
 
+def test_first_side_may_be_the_mean_of_several_checkpoints(tiny_model, tmp_path, capsys):
+    first = str(tiny_model['models'] / 'decoder-1-4.ckpt')
+    config, decoding, encoder, decoder, _ = read_model(tiny_model['encoder'], tiny_model['decoder'], None)
+    doubled = lambda state: {k: 2 * v if v.is_floating_point() else v for k, v in state.items()}
+    other = str(tmp_path / 'decoder-doubled.ckpt')  # a third model: the second's weights times two
+    write_model(str(tmp_path / 'encoder-doubled.ckpt'), other, config, decoding, doubled(encoder), doubled(decoder))
+    out = tmp_path / 'decoder-blend.ckpt'
+    assert blend_checkpoints.main(['--first', first, other, '--second', tiny_model['decoder'], '--weight', '0.25',
+                                   '--output', str(out)]) == 0
+    assert 'the mean of' in capsys.readouterr().out
+    one, two, second = (weights(path)['model'] for path in (first, other, tiny_model['decoder']))
+    for key, value in second.items():
+        expected = 0.75 * (one[key] + two[key]) / 2 + 0.25 * value if value.is_floating_point() else value
+        torch.testing.assert_close(weights(out)['model'][key], expected)
+
+
 def test_blend_refuses_bad_input_and_keeps_the_models(tiny_model, tmp_path, capsys):
     first, second = str(tiny_model['models'] / 'decoder-1-4.ckpt'), tiny_model['decoder']
     before = open(second, 'rb').read()
@@ -49,7 +65,9 @@ def test_blend_refuses_bad_input_and_keeps_the_models(tiny_model, tmp_path, caps
     cases = [(['--weight', '1.5', '--output', str(tmp_path / 'decoder-x.ckpt')], '--weight 1.5: must be between 0 and 1'),
              (['--weight', '0.5', '--output', tiny_model['encoder']], 'would overwrite one of the models blended'),
              (['--weight', '0.5', '--output', str(tmp_path / 'decoder-x.ckpt'), '--second', str(tmp_path / 'decoder-wide.ckpt')],
-              'decoder-wide.ckpt: a different model from')]
+              'decoder-wide.ckpt: a different model from'),
+             (['--weight', '0.5', '--output', str(tmp_path / 'decoder-x.ckpt'), '--first', first,
+               str(tmp_path / 'decoder-wide.ckpt')], 'decoder-wide.ckpt: a different model from')]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_:
             blend_checkpoints.main(['--first', first, '--second', second, *extra])

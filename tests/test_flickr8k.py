@@ -54,9 +54,10 @@ def test_classic_files_at_their_paths_take_precedence(tmp_path, monkeypatch):
 def test_export_keeps_weights_only_in_float16_with_decode_settings(tiny_model, tmp_path, capsys):
     export_model.main(['--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
                        '--vocab_path', tiny_model['vocab'], '--output_dir', str(tmp_path), '--beam_size', '3',
-                       '--length_penalty', '0.5'])
+                       '--length_penalty', '0.5', '--no_repeat', '2'])
     decoder = torch.load(tmp_path / 'decoder.ckpt', weights_only=True)
-    assert decoder['decoding']['beam_size'] == 3 and decoder['decoding']['length_penalty'] == 0.5
+    assert (decoder['decoding']['beam_size'], decoder['decoding']['length_penalty'], decoder['decoding']['no_repeat']) == (
+        3, 0.5, 2)
     assert 'train_state' not in decoder and decoder['model']['embed.weight'].dtype == torch.float16
     image = os.path.join(ROOT, 'png', 'example.png')
     shipped = ['--encoder_path', str(tmp_path / 'encoder.ckpt'), '--decoder_path', str(tmp_path / 'decoder.ckpt'),
@@ -66,15 +67,15 @@ def test_export_keeps_weights_only_in_float16_with_decode_settings(tiny_model, t
     capsys.readouterr()
     sample.main(['--image', image, *shipped])
     by_default = capsys.readouterr().out
-    sample.main(['--image', image, *original, '--beam_size', '3', '--length_penalty', '0.5'])
+    sample.main(['--image', image, *original, '--beam_size', '3', '--length_penalty', '0.5', '--no_repeat', '2'])
     assert by_default == capsys.readouterr().out  # recorded settings used; float16 weights, same caption
 
 
 @pytest.mark.parametrize('scst_steps', ['0', '120'])
 def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
-    """train_flickr8k.sh on a miniature Flickr8k (real COCO photos, Flickr8k-format files): one
-    cross-entropy epoch, then no self-critical training, or two rounds validated on dev (a round is
-    60 steps, or all the miniature's photos when fewer)."""
+    """train_flickr8k.sh on a miniature Flickr8k (real COCO photos, Flickr8k-format files): two
+    cross-entropy epochs, then no self-critical training, or two rounds validated on dev (a round is
+    60 steps, or all the miniature's photos when fewer) and a blend with the epochs' mean."""
     data = tmp_path / 'flickr8k'
     shutil.copytree(os.path.join(TEST_DATA, 'images'), data / 'Images')
     captions = json.load(open(os.path.join(TEST_DATA, 'captions.json')))
@@ -88,9 +89,9 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     ordered = sorted(names.values())
     (data / 'Flickr_8k.trainImages.txt').write_text('\n'.join(ordered[:9]) + '\n')
     (data / 'Flickr_8k.devImages.txt').write_text('\n'.join(ordered[9:]) + '\n')
-    env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '1',
+    env = {**os.environ, 'PYTHON': sys.executable, 'WORK_DIR': str(tmp_path / 'work'), 'OUTPUT_DIR': str(tmp_path / 'model'), 'EPOCHS': '2',
            'SCST_STEPS': scst_steps, 'BLENDS': '0.5', 'IMAGE_SIZE': '96', 'BEAMS': '3 5',
-           'PENALTIES': '0 2'}
+           'PENALTIES': '2', 'NO_REPEATS': '0 2'}
     result = subprocess.run(['bash', os.path.join(ROOT, 'train_flickr8k.sh'), str(data)], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -104,21 +105,29 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     stages = ['best', 'scst-best', 'blend0.5'] if scst_steps != '0' else ['best']  # blend: half of each
     for stage in ('scst-best', 'blend0.5'):
         assert (tmp_path / 'work' / 'models' / f'decoder-{stage}.ckpt').exists() == (len(stages) == 3)
+    models = tmp_path / 'work' / 'models'
     if scst_steps != '0':
-        validated = [json.loads(line) for line in open(tmp_path / 'work' / 'models' / 'scst_log.jsonl')]
+        validated = [json.loads(line) for line in open(models / 'scst_log.jsonl')]
         assert [r['epoch'] for r in validated if 'CIDEr' in r] == [1, 2]
-    found = []  # (dev CIDEr, stage, beam size, length penalty) of every candidate: greedy from the training log,
-    for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl', None]):  # beams 3, 5 x penalties 0, 2
-        if log_name:  # the blend was not decoded greedily
-            found.append((max(json.loads(line).get('CIDEr', -1) for line in open(tmp_path / 'work' / 'models' / log_name)),
-                          stage, 1, 1))
+        epochs = [torch.load(models / f'decoder-{epoch}-1.ckpt', weights_only=True)['model'] for epoch in (1, 2)]
+        scst, blend = (torch.load(models / f'decoder-{stage}.ckpt', weights_only=True)['model']
+                       for stage in ('scst-best', 'blend0.5'))
+        assert not torch.equal(epochs[0]['embed.weight'], epochs[1]['embed.weight'])
+        for key, value in scst.items():  # half the mean of the two cross-entropy epochs, half self-critical
+            if value.is_floating_point():
+                torch.testing.assert_close(blend[key], 0.25 * epochs[0][key] + 0.25 * epochs[1][key] + 0.5 * value)
+    found = []  # (dev CIDEr, stage, beam, penalty, no_repeat) of every candidate: greedy from the training log
+    for stage, log_name in zip(stages, ['train_log.jsonl', 'scst_log.jsonl', None]):  # (with training's rule 3),
+        if log_name:  # beams 3, 5 x no_repeat 0, 2; the blend was not decoded greedily
+            found.append((max(json.loads(line).get('CIDEr', -1) for line in open(models / log_name)), stage, 1, 1, 3))
         for beam in (3, 5):
-            for penalty in (0, 2):
-                scores = json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam{beam}-lp{penalty}.json'))
-                found.append((scores['CIDEr'], stage, beam, penalty))
-    cider, stage, beam, penalty = max(found, key=lambda f: f[0])  # the best on dev is exported
-    assert (f'7/7 export of the {stage} model as float16, decoding with beam {beam} and length penalty '
-            f'{penalty} ') in result.stdout
-    exported = torch.load(tmp_path / 'work' / 'models' / f'decoder-{stage}.ckpt', weights_only=True)['model']
+            for no_repeat in (0, 2):
+                scores = json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam{beam}-lp2-nr{no_repeat}.json'))
+                found.append((scores['CIDEr'], stage, beam, 2, no_repeat))
+    cider, stage, beam, penalty, no_repeat = max(found, key=lambda f: f[0])  # the best on dev is exported
+    assert (f'7/7 export of the {stage} model as float16, decoding with beam {beam}, length penalty '
+            f'{penalty} and no_repeat {no_repeat} ') in result.stdout
+    exported = torch.load(models / f'decoder-{stage}.ckpt', weights_only=True)['model']
     assert all(torch.equal(w.half().float(), decoder['model'][k].float()) for k, w in exported.items())
-    assert decoder['decoding']['beam_size'] == beam and decoder['decoding']['length_penalty'] == penalty
+    assert (decoder['decoding']['beam_size'], decoder['decoding']['length_penalty'],
+            decoder['decoding']['no_repeat']) == (beam, penalty, no_repeat)
