@@ -32,7 +32,7 @@ def test_shipped_model_is_small_and_records_its_decoding():
     config, decoding = decoder['config'], decoder['decoding']
     assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
         'efficientnet-lite1', 224, 'attention', True)
-    assert decoding['beam_size'] == 5 and decoding['length_penalty'] == 2
+    assert (decoding['beam_size'], decoding['length_penalty'], decoding['no_repeat']) == (5, 2, 2)
     assert all(v.dtype == torch.float16 for v in decoder['model'].values() if v.is_floating_point())
     assert 'train_state' not in decoder
     encoder = torch.load(os.path.join(SHIPPED, 'encoder.ckpt'), weights_only=True)
