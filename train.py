@@ -323,6 +323,7 @@ class Trainer:
         self.cider = CiderD(self.tokenized_references(self.train_set)) if args.scst else None
         # self-critical samples obey the rules captions are decoded with
         self.guard = caption_guard(self.vocab, Decoding()) if args.scst else None
+        self.val_references = None  # the validated images' references and their CIDEr-D scorer
         self.state = RunState()
         self.log_path = os.path.join(args.model_path, log_name(args))
 
@@ -513,11 +514,13 @@ class Trainer:
         captioner = Captioner(self.vocab, self.encoder, self.decoder, self.config, Decoding(), self.device)
         predictions = captioner.caption_dataset(self.val_set, self.args.val_images, self.args.batch_size,
                                                 self.args.num_workers)
-        references = {}
-        for _, caption, image_id in self.val_set.samples:
-            references.setdefault(image_id, []).append(caption)
+        if self.val_references is None:  # made once: every validation captions the same images
+            references = {}
+            for _, caption, image_id in self.val_set.samples:
+                references.setdefault(image_id, []).append(caption)
+            self.val_references = references, CiderD({i: [tokenize(c) for c in references[i]] for i in predictions})
+        references, cider = self.val_references
         scores.update(score(references, predictions, metrics=('Bleu_4', 'CIDEr')))
-        cider = CiderD({i: [tokenize(c) for c in references[i]] for i in predictions})
         scores['CIDEr-D'] = sum(cider.score(i, tokenize(c)) for i, c in predictions.items()) / max(1, len(predictions))
         self.model.train()
         return scores

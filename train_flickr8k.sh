@@ -19,7 +19,7 @@ SCST_STEPS=${SCST_STEPS:-720}  # self-critical batches after them, validated on 
 BLENDS=${BLENDS:-0.85}         # the self-critical model's shares in blends with the cross-entropy one,
 CE_MEAN=${CE_MEAN:-3}          # whose weights are the mean of its last 3 epochs' (1: its best epoch's)
 BEAMS=${BEAMS:-5}              # beam sizes scored on dev besides greedy, with each of
-PENALTIES=${PENALTIES:-1 2}    # these length penalties and
+PENALTIES=${PENALTIES:-2}      # these length penalties and
 NO_REPEATS=${NO_REPEATS:-2}    # these repeat rules (no phrase of N words twice); the best setting is exported
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")"
