@@ -412,42 +412,29 @@ def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_pe
 
 
 def sample(decoder, features, end_id, max_length=20, guard=None):
-    """Draw one caption per row of `features` from the model (for self-critical training), never a
-    word that `guard` bans.
+    """Draw one caption per row of `features` from the model (multinomial, for self-critical
+    training), never a word that `guard` bans.
 
     Returns the word ids (B, steps), <end> after each caption's first <end>; the log-probability
     of each drawn word (B, steps), with gradient; and a mask (B, steps) of the words up to and
-    including each caption's first <end>. Finished captions leave the batch once they are a
-    quarter of it (not at every step: each leaving copies the whole state, attention features too).
+    including each caption's first <end>.
     """
-    size = features.size(0)
-    words = torch.full((size, max_length), end_id, dtype=torch.long, device=features.device)
-    mask = torch.zeros(size, max_length, dtype=torch.bool, device=features.device)
-    chosen = []
-    rows = torch.arange(size, device=features.device)  # the batch rows whose states `state` holds
-    running = torch.ones(size, dtype=torch.bool, device=features.device)  # which of them have not ended
     log_probs, state = decoder.start(features)
+    words, chosen, mask = [], [], []
+    running = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
     for t in range(max_length):
         if t:
-            log_probs, state = decoder.step(words[rows, t - 1], state)
+            log_probs, state = decoder.step(words[-1], state)
         if guard:  # the policy sampled and trained is the guarded one, renormalised (and never all zeros)
-            log_probs = guard(log_probs, words[rows, :t] if t else None, last_step=t == max_length - 1).log_softmax(-1)
-        drawn = draw(log_probs.detach()).masked_fill(~running, end_id)
-        words[rows, t], mask[rows, t] = drawn, running
-        picked = log_probs.gather(1, drawn.unsqueeze(1)).squeeze(1).masked_fill(~running, 0.0)
-        chosen.append(picked.new_zeros(size).index_put((rows,), picked))
+            log_probs = guard(log_probs, torch.stack(words, 1) if t else None,
+                              last_step=t == max_length - 1).log_softmax(-1)
+        drawn = torch.multinomial(log_probs.detach().float().exp(), 1).squeeze(1)
+        drawn = torch.where(running, drawn, torch.full_like(drawn, end_id))
+        words.append(drawn)
+        chosen.append(log_probs.gather(1, drawn.unsqueeze(1)).squeeze(1))
+        mask.append(running)
         running = running & (drawn != end_id)
         if not running.any():
             break
-        if running.sum() <= 0.75 * len(rows):
-            rows, state, running = rows[running], decoder.select(state, running), running[running]
-    steps = len(chosen)
-    return words[:, :steps], torch.stack(chosen, 1), mask[:, :steps].float()
-
-
-def draw(log_probs):
-    """One word per row, drawn with the probabilities exp(log_probs) (inverse CDF: a cumulative sum
-    and a binary search, several times faster than torch.multinomial over a whole vocabulary)."""
-    cumulative = log_probs.float().exp().cumsum(1)
-    threshold = torch.rand(log_probs.size(0), 1, device=log_probs.device) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, threshold, right=True).squeeze(1).clamp_(max=log_probs.size(1) - 1)
+    mask = torch.stack(mask, 1)
+    return torch.stack(words, 1), torch.stack(chosen, 1).masked_fill(~mask, 0.0), mask.float()

@@ -7,7 +7,9 @@ from PIL import Image, ImageDraw
 
 import build_vocab
 import train
+from build_vocab import tokenize
 from captioner import Captioner
+from metrics import CiderD
 
 SCENES = {'red.png': ('red', 'a red square on a white wall'), 'blue.png': ('blue', 'two blue birds in the sky'),
           'green.png': ('green', 'a green field with a tree'), 'yellow.png': ('yellow', 'a yellow taxi on the road')}
@@ -135,6 +137,30 @@ def test_epoch_steps_ends_every_epoch_after_that_many_batches(tmp_path):
     records = [json.loads(line) for line in open(models / 'train_log.jsonl')]
     assert [(r['epoch'], r['step']) for r in records] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
 
+
+
+def test_validation_scores_each_epoch_against_references_prepared_once(tmp_path, monkeypatch):
+    """Every validation captions the same images, so their CIDEr-D scorer is made at the first one
+    only; each epoch's logged CIDEr-D is still its own captions' score against a fresh scorer."""
+    folder = make_scenes(tmp_path)
+    models = tmp_path / 'm'
+    made = []
+    monkeypatch.setattr(train, 'CiderD', lambda references: made.append(references) or CiderD(references))
+    assert train.main(train_args(folder, models, '--num_epochs', '3', '--learning_rate', '0.01',
+                                 '--val_caption_path', str(folder / 'captions.json'),
+                                 '--val_image_dir', str(folder / 'images'), '--val_images', '3')) == 0
+    assert len(made) == 1 and sorted(made[0]) == [1, 2, 3]
+    logged = [r['CIDEr-D'] for r in map(json.loads, open(models / 'train_log.jsonl')) if 'CIDEr-D' in r]
+    references = {i: [tokenize(c) for c in (caption, caption.upper())]
+                  for i, (_, caption) in enumerate(list(SCENES.values())[:3], 1)}
+    for epoch, expected in zip((1, 3), (logged[0], logged[2])):
+        captioner = Captioner.load(str(models / f'encoder-{epoch}-2.ckpt'), str(models / f'decoder-{epoch}-2.ckpt'),
+                                   str(folder / 'vocab.pkl'), 'cpu')
+        paths = [str(folder / 'images' / name) for name in list(SCENES)[:3]]
+        captions = [c for _, c in captioner.caption_files(paths, num_workers=0)]
+        fresh = CiderD(references)
+        assert sum(fresh.score(i, tokenize(c)) for i, c in enumerate(captions, 1)) / 3 == pytest.approx(expected)
+    assert len(set(logged)) > 1  # the captions changed between epochs, and so did their score
 
 @pytest.mark.parametrize('decoder', ['lstm', 'attention'])
 def test_mixed_precision_trains_from_images_and_learns(tmp_path, decoder):
