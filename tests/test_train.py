@@ -138,7 +138,6 @@ def test_epoch_steps_ends_every_epoch_after_that_many_batches(tmp_path):
     assert [(r['epoch'], r['step']) for r in records] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
 
 
-
 def test_validation_scores_each_epoch_against_references_prepared_once(tmp_path, monkeypatch):
     """Every validation captions the same images, so their CIDEr-D scorer is made at the first one
     only; each epoch's logged CIDEr-D is still its own captions' score against a fresh scorer."""
@@ -161,6 +160,7 @@ def test_validation_scores_each_epoch_against_references_prepared_once(tmp_path,
         fresh = CiderD(references)
         assert sum(fresh.score(i, tokenize(c)) for i, c in enumerate(captions, 1)) / 3 == pytest.approx(expected)
     assert len(set(logged)) > 1  # the captions changed between epochs, and so did their score
+
 
 @pytest.mark.parametrize('decoder', ['lstm', 'attention'])
 def test_mixed_precision_trains_from_images_and_learns(tmp_path, decoder):
