@@ -150,14 +150,13 @@ def test_validation_scores_each_epoch_against_references_prepared_once(tmp_path,
                                  '--val_image_dir', str(folder / 'images'), '--val_images', '3')) == 0
     assert len(made) == 1 and sorted(made[0]) == [1, 2, 3]
     logged = [r['CIDEr-D'] for r in map(json.loads, open(models / 'train_log.jsonl')) if 'CIDEr-D' in r]
-    references = {i: [tokenize(c) for c in (caption, caption.upper())]
-                  for i, (_, caption) in enumerate(list(SCENES.values())[:3], 1)}
+    fresh = CiderD({i: [tokenize(c) for c in (caption, caption.upper())]
+                    for i, (_, caption) in enumerate(list(SCENES.values())[:3], 1)})
+    paths = [str(folder / 'images' / name) for name in list(SCENES)[:3]]
     for epoch, expected in zip((1, 3), (logged[0], logged[2])):
         captioner = Captioner.load(str(models / f'encoder-{epoch}-2.ckpt'), str(models / f'decoder-{epoch}-2.ckpt'),
                                    str(folder / 'vocab.pkl'), 'cpu')
-        paths = [str(folder / 'images' / name) for name in list(SCENES)[:3]]
         captions = [c for _, c in captioner.caption_files(paths, num_workers=0)]
-        fresh = CiderD(references)
         assert sum(fresh.score(i, tokenize(c)) for i, c in enumerate(captions, 1)) / 3 == pytest.approx(expected)
     assert len(set(logged)) > 1  # the captions changed between epochs, and so did their score
 
