@@ -48,6 +48,31 @@ def test_sampling_survives_a_guard_that_leaves_only_unlikely_words():
 
 
 @pytest.mark.parametrize('kind', ['lstm', 'attention'])
+def test_sampled_log_probs_and_their_gradients_are_the_models(kind):
+    """Captions of many lengths: each drawn word's log-probability, and its gradient, is what the
+    decoder gives that word after the caption so far; words after a caption's <end> count 0."""
+    torch.manual_seed(0)
+    if kind == 'lstm':
+        decoder, features = DecoderRNN(8, 16, 12, 1).eval(), torch.randn(40, 8)
+    else:
+        decoder, features = AttentionDecoder(8, 16, 12).eval(), torch.randn(40, 5, 8)
+    with torch.no_grad():
+        decoder.linear.bias[END] += 1.5  # captions end after a few words, at different steps
+    words, log_probs, mask = sample(decoder, features, END, 10)
+    ends = mask.sum(1).long()
+    assert len(set(ends.tolist())) >= 4 and ends.max() > ends.min() + 3, ends
+    assert ((words == END).float().argmax(1) == ends - 1)[ends < 10].all() and (mask[:, 0] == 1).all()
+    expected, (scores, state) = [], decoder.start(features)  # the same words fed back, every row throughout
+    for t in range(words.size(1)):
+        expected.append(scores.gather(1, words[:, t:t + 1]).squeeze(1))
+        scores, state = decoder.step(words[:, t], state)
+    expected = torch.stack(expected, 1) * mask
+    assert torch.allclose(log_probs, expected, atol=1e-6)
+    got = torch.autograd.grad(log_probs.sum(), decoder.linear.weight)[0]
+    assert torch.allclose(got, torch.autograd.grad(expected.sum(), decoder.linear.weight)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['lstm', 'attention'])
 def test_self_critical_samples_are_drawn_with_dropout_and_decoding_is_not(kind):
     """In training mode the step-by-step decoder drops inputs and outputs as teacher forcing does
     (so self-critical samples are regularised alike); in eval mode decoding is deterministic."""
