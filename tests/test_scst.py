@@ -16,13 +16,18 @@ from test_train import assert_same_weights, final_weights, make_scenes, train_ar
 UNK, END = 3, 2
 
 
+def tiny_decoder(kind, rows, dropout=0.0):
+    """A 12-word decoder of either kind (in training mode) and `rows` images' features for it."""
+    if kind == 'lstm':
+        return DecoderRNN(8, 16, 12, 1, dropout=dropout), torch.randn(rows, 8)
+    return AttentionDecoder(8, 16, 12, dropout=dropout), torch.randn(rows, 5, 8)
+
+
 @pytest.mark.parametrize('kind', ['lstm', 'attention'])
 def test_unk_is_never_generated_when_it_is_the_likeliest_word(kind):
     torch.manual_seed(0)
-    if kind == 'lstm':
-        decoder, features = DecoderRNN(8, 16, 12, 1).eval(), torch.randn(6, 8)
-    else:
-        decoder, features = AttentionDecoder(8, 16, 12).eval(), torch.randn(6, 5, 8)
+    decoder, features = tiny_decoder(kind, 6)
+    decoder.eval()
     with torch.no_grad():
         decoder.linear.bias[UNK] += 5.0  # <unk> is now the most likely word at every step
         raw = beam_search(decoder, features, END, 1, 10)
@@ -52,10 +57,8 @@ def test_sampled_log_probs_and_their_gradients_are_the_models(kind):
     """Captions of many lengths: each drawn word's log-probability, and its gradient, is what the
     decoder gives that word after the caption so far; words after a caption's <end> count 0."""
     torch.manual_seed(0)
-    if kind == 'lstm':
-        decoder, features = DecoderRNN(8, 16, 12, 1).eval(), torch.randn(40, 8)
-    else:
-        decoder, features = AttentionDecoder(8, 16, 12).eval(), torch.randn(40, 5, 8)
+    decoder, features = tiny_decoder(kind, 40)
+    decoder.eval()
     with torch.no_grad():
         decoder.linear.bias[END] += 1.5  # captions end after a few words, at different steps
     words, log_probs, mask = sample(decoder, features, END, 10)
@@ -77,10 +80,7 @@ def test_self_critical_samples_are_drawn_with_dropout_and_decoding_is_not(kind):
     """In training mode the step-by-step decoder drops inputs and outputs as teacher forcing does
     (so self-critical samples are regularised alike); in eval mode decoding is deterministic."""
     torch.manual_seed(0)
-    if kind == 'lstm':
-        decoder, features = DecoderRNN(8, 16, 12, 1, dropout=0.5), torch.randn(3, 8)
-    else:
-        decoder, features = AttentionDecoder(8, 16, 12, dropout=0.5), torch.randn(3, 5, 8)
+    decoder, features = tiny_decoder(kind, 3, dropout=0.5)
     with torch.no_grad():
         first, second = decoder.start(features)[0], decoder.start(features)[0]
         assert not torch.allclose(first, second)
