@@ -317,12 +317,12 @@ def sequence_score(decoder, feature, tokens, end_id):
     return total, len(tokens)
 
 
-def tiny_decoder(kind, embed_size, hidden_size, vocab_size):
-    """A decoder of any kind, and a function making (B, ...) image features it takes."""
+def tiny_decoder(kind, embed_size, hidden_size, vocab_size, dropout=0.0):
+    """A decoder of any kind (in eval mode), and a function making (B, ...) image features it takes."""
     if kind.startswith('attention'):
-        decoder = AttentionDecoder(embed_size, hidden_size, vocab_size, deep_output=kind == 'attention-deep')
+        decoder = AttentionDecoder(embed_size, hidden_size, vocab_size, dropout, deep_output=kind == 'attention-deep')
         return decoder.eval(), lambda b: torch.randn(b, 5, embed_size)
-    return DecoderRNN(embed_size, hidden_size, vocab_size, 1).eval(), lambda b: torch.randn(b, embed_size)
+    return DecoderRNN(embed_size, hidden_size, vocab_size, 1, dropout).eval(), lambda b: torch.randn(b, embed_size)
 
 
 @pytest.mark.parametrize('kind', ['lstm', 'attention', 'attention-deep'])

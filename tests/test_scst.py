@@ -10,24 +10,18 @@ from build_vocab import Vocabulary, tokenize
 from captioner import Captioner, caption_guard
 from conftest import TEST_DATA
 from metrics import CiderD, has_hole, repeats_phrase
-from model import AttentionDecoder, CaptionGuard, DecoderRNN, Decoding, beam_search, sample
+from model import CaptionGuard, Decoding, beam_search, sample
+from test_model import tiny_decoder
 from test_train import assert_same_weights, final_weights, make_scenes, train_args
 
 UNK, END = 3, 2
 
 
-def tiny_decoder(kind, rows, dropout=0.0):
-    """A 12-word decoder of either kind (in training mode) and `rows` images' features for it."""
-    if kind == 'lstm':
-        return DecoderRNN(8, 16, 12, 1, dropout=dropout), torch.randn(rows, 8)
-    return AttentionDecoder(8, 16, 12, dropout=dropout), torch.randn(rows, 5, 8)
-
-
 @pytest.mark.parametrize('kind', ['lstm', 'attention'])
 def test_unk_is_never_generated_when_it_is_the_likeliest_word(kind):
     torch.manual_seed(0)
-    decoder, features = tiny_decoder(kind, 6)
-    decoder.eval()
+    decoder, make_features = tiny_decoder(kind, 8, 16, 12)
+    features = make_features(6)
     with torch.no_grad():
         decoder.linear.bias[UNK] += 5.0  # <unk> is now the most likely word at every step
         raw = beam_search(decoder, features, END, 1, 10)
@@ -44,7 +38,8 @@ def test_sampling_survives_a_guard_that_leaves_only_unlikely_words():
     """Late in self-critical training a model can give the only words the guard allows a
     probability that underflows to 0; sampling still draws one of them, and the log-probability
     trained on is the guarded distribution's (here log 1, as the guard leaves one word)."""
-    decoder, features = AttentionDecoder(8, 16, 12).eval(), torch.randn(4, 5, 8)
+    decoder, make_features = tiny_decoder('attention', 8, 16, 12)
+    features = make_features(4)
     with torch.no_grad():
         decoder.linear.bias[END] -= 300.0  # exp(log p(<end>)) == 0 in float32
         only_end = CaptionGuard(12, banned=[w for w in range(12) if w != END])
@@ -57,8 +52,8 @@ def test_sampled_log_probs_and_their_gradients_are_the_models(kind):
     """Captions of many lengths: each drawn word's log-probability, and its gradient, is what the
     decoder gives that word after the caption so far; words after a caption's <end> count 0."""
     torch.manual_seed(0)
-    decoder, features = tiny_decoder(kind, 40)
-    decoder.eval()
+    decoder, make_features = tiny_decoder(kind, 8, 16, 12)
+    features = make_features(40)
     with torch.no_grad():
         decoder.linear.bias[END] += 1.5  # captions end after a few words, at different steps
     words, log_probs, mask = sample(decoder, features, END, 10)
@@ -80,7 +75,9 @@ def test_self_critical_samples_are_drawn_with_dropout_and_decoding_is_not(kind):
     """In training mode the step-by-step decoder drops inputs and outputs as teacher forcing does
     (so self-critical samples are regularised alike); in eval mode decoding is deterministic."""
     torch.manual_seed(0)
-    decoder, features = tiny_decoder(kind, 3, dropout=0.5)
+    decoder, make_features = tiny_decoder(kind, 8, 16, 12, dropout=0.5)
+    decoder.train()
+    features = make_features(3)
     with torch.no_grad():
         first, second = decoder.start(features)[0], decoder.start(features)[0]
         assert not torch.allclose(first, second)
