@@ -1,12 +1,13 @@
 """bfloat16 inference for the encoder (`--precision bf16`), with a data-free bias correction.
 
-Imported only when bf16 is asked for. The backbone runs under bfloat16 autocast, but for its
+`native_bf16` also decides whether train.py --amp can use bfloat16 on a CPU. The backbone runs under bfloat16 autocast, but for its
 high-resolution first layers (EncoderCNN.split_backbone), where rounding changed the most
 captions and costs little to avoid. Rounding a convolution's weights to bfloat16 also shifts
 the mean of its outputs; where its input is ReLU(BatchNorm(...)), that input's mean follows
 from the BatchNorm's beta and gamma, so the shift is known and the next BatchNorm takes it off
 (Nagel et al., 2019, "Data-Free Quantization"). bench/README.md has the figures.
 """
+import functools
 import math
 import sys
 
@@ -15,11 +16,27 @@ import torch.nn.functional as F
 
 
 def native_bf16(device):
-    """Whether `device` computes in bfloat16 natively: a CPU with AVX-512 bf16 or AMX, or a CUDA GPU
-    with bf16 (Ampere and later)."""
+    """Whether `device` computes in bfloat16 natively: a CPU with AVX-512 bf16 or AMX on which the
+    layers used here (convolution, linear, LSTM) run under bfloat16 autocast, or a CUDA GPU with
+    bf16 (Ampere and later)."""
     if device.type == 'cpu':
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) and _cpu_layers_run_bf16()
     return device.type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+@functools.cache
+def _cpu_layers_run_bf16():
+    """Run a tiny convolution, linear layer and LSTM under CPU bfloat16 autocast: oneDNN refuses
+    some of them on CPUs (or oneDNN settings, ONEDNN_MAX_CPU_ISA) without the instructions."""
+    try:
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            torch.nn.Conv2d(3, 4, 3)(torch.zeros(1, 3, 8, 8))
+            torch.nn.Linear(4, 4)(torch.zeros(2, 4))
+            torch.nn.LSTM(4, 4, batch_first=True)(torch.zeros(2, 3, 4))
+            torch.nn.LSTMCell(4, 4)(torch.zeros(2, 4))
+        return True
+    except RuntimeError:
+        return False
 
 
 def activated_convs(body):

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from checkpoints import average_states, blend_states, model_files, read_model, write_model
-from errors import InputError
+from errors import InputError, number
 
 
 def main(argv=None):
@@ -24,13 +24,11 @@ def main(argv=None):
     parser.add_argument('--first', required=True, nargs='+',
                         help='a model file (weight 0), or several files of one model: their mean')
     parser.add_argument('--second', required=True, help='a model file of the same architecture (weight 1)')
-    parser.add_argument('--weight', type=float, required=True, help="the second model's share, 0 to 1")
+    parser.add_argument('--weight', type=number(0, 1), required=True, help="the second model's share, 0 to 1")
     parser.add_argument('--output', required=True, help='encoder-NAME.ckpt or decoder-NAME.ckpt: both are written')
     args = parser.parse_args(argv)
     paths = args.first + [args.second]
     try:
-        if not 0 <= args.weight <= 1:
-            raise InputError(f'--weight {args.weight}: must be between 0 and 1')
         models = [read_model(*model_files(path), None) for path in paths]
         for path, model in zip(paths, models):
             if model[0] is None:
@@ -38,6 +36,9 @@ def main(argv=None):
         for path, model in zip(paths[1:], models[1:]):
             if model[0] != models[0][0]:
                 raise InputError(f'{path}: a different model from {paths[0]} ({model[0]} against {models[0][0]})')
+            digests = model[4].get('vocab_sha'), models[0][4].get('vocab_sha')
+            if None not in digests and digests[0] != digests[1]:
+                raise InputError(f'{path}: trained with another vocabulary than {paths[0]}')
             for part, name in ((2, 'encoder'), (3, 'decoder')):
                 if model[part].keys() != models[0][part].keys():
                     raise InputError(f'{path}: its {name} holds other tensors than that of {paths[0]}')
@@ -47,7 +48,8 @@ def main(argv=None):
         firsts, second = models[:-1], models[-1]
         encoder, decoder = (blend_states(average_states([model[part] for model in firsts]), second[part], args.weight)
                             for part in (2, 3))
-        write_model(*outputs, *second[:2], encoder, decoder)
+        write_model(*outputs, *second[:2], encoder, decoder,
+                    vocab_sha=next((m[4]['vocab_sha'] for m in models[::-1] if 'vocab_sha' in m[4]), None))
     except InputError as e:
         sys.exit(f'error: {e}')
     first = args.first[0] if len(args.first) == 1 else f'the mean of {" and ".join(args.first)}'

@@ -15,8 +15,8 @@ from collections import Counter
 from tqdm import tqdm
 
 from captions import read_captions
-from checkpoints import atomic_write
-from errors import InputError
+from files import atomic_write
+from errors import InputError, integer
 
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 
@@ -126,7 +126,7 @@ def main(argv=None):
     parser.add_argument('--caption_path', default='data/annotations/captions_train2014.json',
                         help='COCO-format caption file')
     parser.add_argument('--vocab_path', default='data/vocab.pkl', help='where to save the vocabulary')
-    parser.add_argument('--threshold', type=int, default=4, help='minimum word count to keep a word')
+    parser.add_argument('--threshold', type=integer(1), default=4, help='minimum word count to keep a word')
     args = parser.parse_args(argv)
     try:
         vocab = build_vocab(args.caption_path, args.threshold)

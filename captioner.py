@@ -12,11 +12,11 @@ from dataclasses import replace
 import torch
 
 from build_vocab import load_vocab
-from checkpoints import load_weights, read_model
+from checkpoints import check_vocab, load_weights, read_model
 from data_loader import FeatureDataset, ImageFiles, ImageSet, eval_transform
-from errors import InputError
+from errors import integer, number
 from images import ImageError, open_image
-from metrics import ARTICLES, BAD_ENDINGS, PREPOSITIONS
+from metrics import ARTICLES, BAD_ENDINGS, NOT_AFTER_ARTICLE
 from model import CNN_CHOICES, CaptionGuard, Decoding, ModelConfig, beam_search, build_networks
 
 CLASSIC_FILES = ('models/encoder-5-3000.pkl', 'models/decoder-5-3000.pkl', 'data/vocab.pkl')
@@ -34,13 +34,14 @@ def caption_guard(vocab, decoding):
     <unk>; unless it allows holes (metrics.has_hole), the caption starts with <start> and has no
     <start> or <pad> after it, does not end (<end>, or the full stop) right after <start>, an
     article or of/in/on/with/at/to/and, nor stops on one when cut off, and puts no article before
-    an article, a preposition or is/are; and no phrase of decoding.no_repeat words comes twice."""
+    an article, a preposition, is/are or "and" (metrics.NOT_AFTER_ARTICLE); and no phrase of
+    decoding.no_repeat words comes twice."""
     def ids(words):
         return [vocab.word2idx[w] for w in words if w in vocab.word2idx]
     holes = not decoding.allow_holes
     endings = ids(['<end>', '.'])
     after = [(ids(BAD_ENDINGS - ARTICLES) + ids(['<start>']), endings),
-             (ids(ARTICLES), endings + ids(ARTICLES | PREPOSITIONS | {'is', 'are'}))] if holes else []
+             (ids(ARTICLES), endings + ids(NOT_AFTER_ARTICLE))] if holes else []
     banned = ([] if decoding.allow_unk else ids(['<unk>'])) + (ids(['<start>', '<pad>']) if holes else [])
     return CaptionGuard(len(vocab), banned, after, not_last=ids(BAD_ENDINGS) if holes else [],
                         no_repeat=decoding.no_repeat, first=ids(['<start>']) if holes else [])
@@ -78,12 +79,9 @@ class Captioner:
         encoder_path, decoder_path, vocab_path = (given or default for given, default in
                                                   zip((encoder_path, decoder_path, vocab_path), defaults))
         vocab = load_vocab(vocab_path)
-        config, recorded, enc_state, dec_state, _ = read_model(encoder_path, decoder_path,
-                                                               replace(classic, vocab_size=len(vocab)))
-        words = dec_state['embed.weight'].shape[0] if 'embed.weight' in dec_state else len(vocab)
-        if words != len(vocab):
-            raise InputError(f'{decoder_path}: trained with a vocabulary of {words} words, but '
-                             f'{vocab_path} has {len(vocab)}: probably the wrong vocab.pkl')
+        config, recorded, enc_state, dec_state, decoder_file = read_model(encoder_path, decoder_path,
+                                                                          replace(classic, vocab_size=len(vocab)))
+        check_vocab(decoder_file, decoder_path, vocab, vocab_path)
         # Only a package-provided backbone may be left out of the file; it then comes from its wheel.
         from_package = config.cnn.startswith('efficientnet') and not any(k.startswith('backbone.') for k in enc_state)
         encoder, decoder = build_networks(config, pretrained=from_package)
@@ -147,11 +145,12 @@ class Captioner:
 
     @torch.inference_mode()
     def describe(self, image, decoding=None):
-        """One beam search for one PIL image: every hypothesis, best first, as [(caption, score)]
-        (score = sum(log p) / length ** length_penalty), then the best one's caption and its
-        attention weights (None without attention)."""
+        """One beam search for one PIL image (or its `transform`ed tensor): every hypothesis, best first,
+        as [(caption, score)] (score = sum(log p) / length ** length_penalty), then the best one's
+        caption and its attention weights (None without attention)."""
         decoding = decoding or self.decoding
-        features = self.encoder(self.transform(image)[None].to(self.device, memory_format=torch.channels_last))
+        inputs = image if isinstance(image, torch.Tensor) else self.transform(image)
+        features = self.encoder(inputs[None].to(self.device, memory_format=torch.channels_last))
         ids, scores, *weights = self.search(features, decoding, n_best=True, with_attention=self.has_attention)
         beams = [(' '.join(self.vocab.words(row)), score) for row, score in zip(ids[0].tolist(), scores[0].tolist())]
         if not weights:
@@ -203,22 +202,22 @@ def add_model_args(parser):
     sizes = parser.add_argument_group('model sizes, used only for plain state_dicts (the classic files); '
                                       'train.py checkpoints record their own')
     sizes.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES)
-    sizes.add_argument('--embed_size', type=int, default=ModelConfig.embed_size)
-    sizes.add_argument('--hidden_size', type=int, default=ModelConfig.hidden_size)
-    sizes.add_argument('--num_layers', type=int, default=ModelConfig.num_layers)
+    sizes.add_argument('--embed_size', type=integer(1, 8192), default=ModelConfig.embed_size)
+    sizes.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size)
+    sizes.add_argument('--num_layers', type=integer(1, 8), default=ModelConfig.num_layers)
     decoding = parser.add_argument_group('decoding (default: what the checkpoint records, else greedy)')
-    decoding.add_argument('--beam_size', type=int, help=f'1 = greedy, as the classic recipe')
-    decoding.add_argument('--length_penalty', type=float,
+    decoding.add_argument('--beam_size', type=integer(*Decoding.LIMITS['beam_size']), help=f'1 = greedy, as the classic recipe')
+    decoding.add_argument('--length_penalty', type=number(0, 10),
                           help='rank finished beams by sum(log p) / length**alpha (0 = raw log-probability)')
-    decoding.add_argument('--max_length', type=int, help=f'most words generated (default {Decoding.max_length})')
+    decoding.add_argument('--max_length', type=integer(*Decoding.LIMITS['max_length']), help=f'most words generated (default {Decoding.max_length})')
     decoding.add_argument('--allow_unk', action='store_true',
                           help='let the model generate <unk> (printed as a word); by default it never does')
     decoding.add_argument('--allow_holes', action='store_true', help='let a caption end in an article or '
                           'preposition, or put an article before one (by default it never does)')
-    decoding.add_argument('--no_repeat', type=int, help='never repeat a phrase of this many words '
+    decoding.add_argument('--no_repeat', type=integer(*Decoding.LIMITS['no_repeat']), help='never repeat a phrase of this many words '
                           f'(0 = allow; default {Decoding.no_repeat})')
-    parser.add_argument('--batch_size', type=int, default=16, help='images per batch')
-    parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
+    parser.add_argument('--batch_size', type=integer(1), default=16, help='images per batch')
+    parser.add_argument('--num_workers', type=integer(0), default=2, help='image loading processes')
     parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
                         help='bf16: the encoder (but its first layers) under bfloat16 autocast '
                              '(faster where the hardware has bf16, a few captions differ)')

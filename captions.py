@@ -8,8 +8,9 @@ import contextlib
 import io
 import json
 import os
+import sys
 
-from checkpoints import atomic_write
+from files import atomic_write
 from errors import InputError
 
 
@@ -45,6 +46,24 @@ def load_coco(path):
         raise InputError(f"{path}: not a COCO caption file (needs 'images' and 'annotations' lists)") from None
 
 
+MAX_CAPTION_WORDS, MAX_CAPTION_CHARS = 1000, 10_000  # far above any real caption (Flickr8k's and COCO's are < 60 words)
+
+
+def bounded_captions(path, captions):
+    """Cut each caption over MAX_CAPTION_WORDS words or MAX_CAPTION_CHARS characters to that limit, with
+    one warning line for the file, before anything tokenises or scores them (a 10 MB caption would
+    take the tokenizer and METEOR minutes or fail). Returns the list."""
+    cut = 0
+    for i, caption in enumerate(captions):
+        if len(caption) > MAX_CAPTION_CHARS or len(caption.split(None, MAX_CAPTION_WORDS)) > MAX_CAPTION_WORDS:
+            captions[i] = ' '.join(caption[:MAX_CAPTION_CHARS].split()[:MAX_CAPTION_WORDS])
+            cut += 1
+    if cut:
+        print(f'warning: {path}: {cut} captions over {MAX_CAPTION_WORDS} words or {MAX_CAPTION_CHARS} characters '
+              f'cut to that', file=sys.stderr)
+    return captions
+
+
 def read_captions(path):
     """Read and check a COCO-format caption file.
 
@@ -67,6 +86,9 @@ def read_captions(path):
             raise InputError(f"{path}: annotations[{i}] lacks a 'caption' string")
         if ann['image_id'] not in images:
             raise InputError(f"{path}: annotations[{i}] names image_id {ann['image_id']!r}, which is not in 'images'")
+    captions = bounded_captions(path, [ann['caption'] for ann in data['annotations']])
+    for ann, caption in zip(data['annotations'], captions):
+        ann['caption'] = caption
     return data['annotations'], images
 
 

@@ -2,44 +2,51 @@
 
 A model is two files, as in the classic tutorial: the encoder's and the decoder's. Each file
 written here is a dict of plain data and tensors (it loads with weights_only=True):
-`format`, `config` (the architecture, model.ModelConfig), `decoding` (model.Decoding) and
-`model` (the state_dict); a training checkpoint's decoder file also holds `train_state`.
-The classic published files are plain state_dicts; they are read with sizes given by flags.
+`format`, `config` (the architecture, model.ModelConfig), `decoding` (model.Decoding),
+`model` (the state_dict) and `pair`, an id that both files of one write share, so that an
+encoder and a decoder that were not written together are refused; a decoder file records
+`vocab_sha`, the digest of the vocabulary it was trained with, and a training checkpoint's
+decoder file also holds `train_state`. The classic published files are plain state_dicts;
+they are read with sizes given by flags.
 """
-import contextlib
+import hashlib
+import io
 import os
+import re
+import uuid
 
 from errors import InputError
+from files import atomic_files, atomic_write
 
 FORMAT = 2  # files of this repo's earlier layouts have no 'format' and are no longer read
 
 
-@contextlib.contextmanager
-def atomic_write(path, mode='wb', durable=True):
-    """Write through a temporary file in the same folder, then rename it to `path`.
-
-    A crash or an exception leaves the previous file (or none), never half a file; with
-    `durable` the data is on disk (fsync) before the rename.
-    """
-    folder = os.path.dirname(path) or '.'
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp')
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def checkpoint_bytes(obj):
+    """torch.save's bytes of `obj` (made in memory, so that a full disk is a plain OSError)."""
+    import torch
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def save_checkpoint(obj, path):
-    import torch
+    data = checkpoint_bytes(obj)
     with atomic_write(path) as f:
-        torch.save(obj, f)
+        f.write(data)
+
+
+def _refusal(error):
+    """The reason torch.load gave, first and alone: never its advice to load the file unsafely."""
+    text = str(error).strip()
+    if 'Weights only load failed' not in text:
+        return f"not a loadable checkpoint ({text.splitlines()[0] if text else type(error).__name__})"
+    reasons = [line.strip() for line in text.splitlines() if line.strip() and 'weights_only' not in line
+               and 'Weights only load failed' not in line and 'documentation of torch.load' not in line]
+    reason = (reasons[0].removeprefix('WeightsUnpickler error: ').split('. Please')[0] if reasons
+              else 'unreadable').rstrip('.')
+    if 'GLOBAL' not in reason:  # not a pickle of torch's at all
+        return f'not a loadable checkpoint ({reason})'
+    return f'refused: it holds Python code or objects, not only tensors and plain data ({reason})'
 
 
 def load_checkpoint(path):
@@ -50,8 +57,13 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise InputError(f'{path}: no such checkpoint') from None
     except Exception as e:  # noqa: BLE001 -- any failure here means the file is not a usable checkpoint
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f'{path}: not a loadable checkpoint ({reason})') from None
+        raise InputError(f'{path}: {_refusal(e)}') from None
+
+
+def vocab_digest(vocab):
+    """A digest of a vocabulary's words in id order: recorded in decoder files, checked on loading."""
+    words = '\n'.join(vocab.idx2word[i] for i in range(len(vocab)))
+    return hashlib.sha256(words.encode('utf-8')).hexdigest()
 
 
 def model_files(path):
@@ -64,19 +76,53 @@ def model_files(path):
     return os.path.join(folder, 'encoder-' + suffix), os.path.join(folder, 'decoder-' + suffix)
 
 
-def write_model(encoder_path, decoder_path, config, decoding, encoder_state, decoder_state, train_state=None):
-    """Write a model's two files (the decoder last: a pair whose decoder exists is complete)."""
+def write_model(encoder_path, decoder_path, config, decoding, encoder_state, decoder_state, train_state=None,
+                vocab_sha=None, extra_files=None):
+    """Write a model's two files as one unit: both are complete before either replaces its old
+    file, and both carry one new `pair` id, so an encoder and a decoder of different writes (a kill
+    between the renames) are refused on loading. The decoder records `vocab_sha` (vocab_digest of
+    its vocabulary); `extra_files` ({path: bytes}, an exported model's vocab.pkl) join the unit."""
     from dataclasses import asdict
-    common = {'format': FORMAT, 'config': asdict(config), 'decoding': asdict(decoding)}
-    save_checkpoint({**common, 'model': encoder_state}, encoder_path)
+    common = {'format': FORMAT, 'config': asdict(config), 'decoding': asdict(decoding), 'pair': uuid.uuid4().hex}
     extra = {'train_state': train_state} if train_state is not None else {}
-    save_checkpoint({**common, 'model': decoder_state, **extra}, decoder_path)
+    if vocab_sha is not None:
+        extra['vocab_sha'] = vocab_sha
+    contents = {**(extra_files or {}), encoder_path: checkpoint_bytes({**common, 'model': encoder_state}),
+                decoder_path: checkpoint_bytes({**common, 'model': decoder_state, **extra})}
+    with atomic_files(list(contents)) as files:
+        for f, data in zip(files, contents.values()):
+            f.write(data)
+
+
+def _checked_state(path, state):
+    """A state_dict of tensors, all finite; else InputError naming the file."""
+    import torch
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f'{path}: not a captioning checkpoint (its weights are not a dict of tensors)')
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise InputError(f'{path}: {key} holds NaN or infinite weights (a diverged or damaged model)')
+    return dict(state)
+
+
+def _check_sizes(path, config, state):
+    """Refuse a decoder whose recorded sizes are not those of its weights (before anything is built)."""
+    embed, output = state.get('embed.weight'), state.get('linear.weight')
+    recorded = (config.vocab_size, config.embed_size, config.hidden_size)
+    if embed is None or output is None or embed.dim() != 2 or output.dim() != 2:
+        raise InputError(f'{path}: no decoder weights (embed.weight, linear.weight) in it')
+    found = (embed.shape[0], embed.shape[1], output.shape[1])
+    if recorded != found:
+        raise InputError(f'{path}: its config records vocab_size, embed_size, hidden_size {recorded}, '
+                         f'but its weights have {found}')
 
 
 def read_model(encoder_path, decoder_path, classic_config):
     """(config, decoding, encoder state, decoder state, decoder file) of a model's two files.
 
     Plain state_dicts (the classic published files) get `classic_config` and default decoding.
+    Everything recorded is checked first: a pair not written together, a config or decoding out
+    of range or unlike the weights, NaN weights each raise InputError.
     """
     from model import Decoding, ModelConfig
     files = [(path, load_checkpoint(path)) for path in (encoder_path, decoder_path)]
@@ -86,15 +132,34 @@ def read_model(encoder_path, decoder_path, classic_config):
     (_, enc), (_, dec) = files
     if 'format' not in dec and 'model' not in dec:  # a plain state_dict: the classic layout
         encoder_state = {('backbone.' + k[len('resnet.'):] if k.startswith('resnet.') else k): v for k, v in enc.items()}
-        return classic_config, Decoding(), encoder_state, dict(dec), dec
+        return (classic_config, Decoding(), _checked_state(encoder_path, encoder_state),
+                _checked_state(decoder_path, dec), dec)
     for path, obj in files:
         if obj.get('format') != FORMAT:
             raise InputError(f'{path}: written by an earlier version of this repo; its format is no longer read')
+    if enc.get('pair') != dec.get('pair'):
+        raise InputError(f'{encoder_path} and {decoder_path}: not written together (an interrupted write, or '
+                         f'files of two models): write the model again, or name the right pair')
     try:
         config, decoding = ModelConfig(**dec['config']), Decoding(**dec['decoding'])
-    except (KeyError, TypeError) as e:
-        raise InputError(f'{decoder_path}: its config does not describe a model ({e})') from None
-    return config, decoding, dict(enc['model']), dict(dec['model']), dec
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f'{decoder_path}: its recorded config or decoding is invalid ({e})') from None
+    encoder_state, decoder_state = _checked_state(encoder_path, enc.get('model')), _checked_state(decoder_path, dec.get('model'))
+    _check_sizes(decoder_path, config, decoder_state)
+    return config, decoding, encoder_state, decoder_state, dec
+
+
+def check_vocab(decoder_file, decoder_path, vocab, vocab_path):
+    """Refuse a vocabulary other than the one the decoder was trained with (by size, and by the
+    digest that files written since it was recorded hold)."""
+    embed = decoder_file.get('model', decoder_file).get('embed.weight')
+    words = embed.shape[0] if embed is not None else len(vocab)
+    if words != len(vocab):
+        raise InputError(f'{decoder_path}: trained with a vocabulary of {words} words, but '
+                         f'{vocab_path} has {len(vocab)}: probably the wrong vocab.pkl')
+    if 'vocab_sha' in decoder_file and decoder_file['vocab_sha'] != vocab_digest(vocab):
+        raise InputError(f'{decoder_path}: trained with another vocabulary than {vocab_path} '
+                         f'(same size, other words): probably the wrong vocab.pkl')
 
 
 def average_states(states):

@@ -34,8 +34,9 @@ def eval_transform(image_size, mean, std):
 
 
 def at_least(size, image):
-    """The image, squared up to `size` when a side is smaller (so a crop never needs black padding)."""
-    return image if min(image.size) >= size else square(image, max(size, *image.size))
+    """The image, or squared to `size` when a side is smaller (so a crop never needs black padding,
+    and a thin image never grows to a square of its long side)."""
+    return image if min(image.size) >= size else square(image, size)
 
 
 def train_transform(crop_size, mean, std):

@@ -1,10 +1,51 @@
-"""The one error class that scripts turn into a one-line message.
+"""Bad input: the one error class that scripts turn into a one-line message, and the checks of
+the numbers a user types or a file records.
 
 Anything a user can get wrong (a missing or malformed file, a model that does not fit, an
-image that cannot be read) raises InputError with a message that names the file and the
-problem; every script's main() prints it as `error: MESSAGE` and exits with status 1.
+image that cannot be read, a number out of range) raises InputError with a message that names
+the file or flag and the problem; every script's main() prints it as `error: MESSAGE` and exits
+with status 1 (argparse's own errors exit with 2).
 """
+import argparse
+import math
 
 
 class InputError(Exception):
     """Bad input; the message names the file and the problem."""
+
+
+def checked(name, value, low=None, high=None, integer=False, above=None):
+    """`value` if it is a finite number (an integer when asked) in [low, high] (or above `above`);
+    else ValueError naming `name` and the allowed range."""
+    kind = 'an integer' if integer else 'a number'
+    bounds = (f'from {low} to {high}' if high is not None else f'>= {low}') if low is not None else \
+        (f'> {above}' if above is not None else '') + (f' and <= {high}' if above is not None and high is not None
+                                                        else f'<= {high}' if high is not None else '')
+    wrong = isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+        or not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high) \
+        or (above is not None and value <= above)
+    if wrong:
+        raise ValueError(f'{name} must be {" ".join(filter(None, (kind, bounds)))}, not {value!r}')
+    return value
+
+
+def integer(low=None, high=None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text):
+        try:
+            return checked('it', int(text), low, high, integer=True)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) if 'must be' in str(e) else
+                                             f'it must be an integer, not {text!r}') from None
+    return parse
+
+
+def number(low=None, high=None, above=None):
+    """An argparse type: a finite number in [low, high] (or above `above`)."""
+    def parse(text):
+        try:
+            return checked('it', float(text), low, high, above=above)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) if 'must be' in str(e) else
+                                             f'it must be a number, not {text!r}') from None
+    return parse

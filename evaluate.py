@@ -19,7 +19,7 @@ import os
 import sys
 
 from captioner import Captioner, add_model_args
-from captions import read_captions, read_json, references_by_image
+from captions import bounded_captions, read_captions, read_json, references_by_image
 from data_loader import FeatureDataset, read_feature_index
 from errors import InputError
 from images import ImageError
@@ -41,7 +41,7 @@ def read_results(path, images):
         if image_id in predictions:
             raise InputError(f'{path}: image_id {image_id!r} has more than one caption')
         predictions[image_id] = result['caption']
-    return predictions
+    return dict(zip(predictions, bounded_captions(path, list(predictions.values()))))
 
 
 def caption_split(captioner, images, image_dir, batch_size=16, num_workers=2):

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from captioner import pick_device
 from captions import read_captions
-from checkpoints import atomic_write
+from files import atomic_write
 from data_loader import CACHE_FORMAT, ImageFiles, eval_transform
-from errors import InputError
+from errors import InputError, integer
 from model import CNN_CHOICES, LITE_SIZES, EncoderCNN, ModelConfig
 
 
@@ -57,6 +57,37 @@ def check_compatible(found, wanted, where):
             raise InputError(f'{where}: this cache was built with {what}; use another --output_dir or delete it')
 
 
+def resumed_work(folder, index, arrays, shape):
+    """(index, writable arrays) of the work in progress in `folder`, resumed where a kill left it
+    (its arrays possibly already renamed to their final names), or started afresh when there is none
+    or it cannot be read."""
+    index_path = os.path.join(folder, 'index.json.partial')
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            try:
+                found = json.load(f)
+            except json.JSONDecodeError:
+                found = None
+        if found is not None:
+            check_compatible(found, index, folder)
+            try:
+                stores = []
+                for name in arrays:
+                    path = os.path.join(folder, name)
+                    if not os.path.exists(path + '.partial') and os.path.exists(path):
+                        os.replace(path, path + '.partial')  # killed while finishing: finish again
+                    stores.append(np.load(path + '.partial', mmap_mode='r+'))
+                if all(store.shape == shape for store in stores):
+                    return found, stores
+            except (OSError, ValueError):
+                pass
+        print(f'warning: {folder}: the unfinished cache there cannot be resumed; starting it again', file=sys.stderr)
+    stores = [np.lib.format.open_memmap(os.path.join(folder, name + '.partial'), mode='w+', dtype=np.float16,
+                                        shape=shape) for name in arrays]
+    write_json(index, index_path)  # only once the arrays exist
+    return index, stores
+
+
 def extract(args):
     index = plan(args)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -65,26 +96,17 @@ def extract(args):
     if os.path.exists(index_path):
         with open(index_path) as f:
             check_compatible(json.load(f), index, args.output_dir)
+        if os.path.exists(index_path + '.partial'):  # a kill right after the cache was completed
+            os.remove(index_path + '.partial')
         print(f'{args.output_dir}: the cache is already complete')
         return
-    resuming = os.path.exists(index_path + '.partial')
-    if resuming:
-        with open(index_path + '.partial') as f:
-            found = json.load(f)
-        check_compatible(found, index, args.output_dir)
-        index = found
     device = pick_device(args.device)
     encoder = EncoderCNN(1, args.cnn, spatial=args.spatial).to(device).eval()  # only its backbone is used
     shape = (len(index['files']), encoder.feature_size)
     if args.spatial:  # rows of (h*w, C); h and w depend on the backbone's padding, so ask it
         probe = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
         shape = (len(index['files']),) + tuple(encoder.backbone_features(probe).shape[1:])
-    if resuming:
-        stores = [np.load(os.path.join(args.output_dir, a + '.partial'), mmap_mode='r+') for a in arrays]
-    else:
-        stores = [np.lib.format.open_memmap(os.path.join(args.output_dir, a + '.partial'), mode='w+',
-                                            dtype=np.float16, shape=shape) for a in arrays]
-        write_json(index, index_path + '.partial')
+    index, stores = resumed_work(args.output_dir, index, arrays, shape)
     paths = [os.path.join(args.image_dir, n) for n in index['files']]
     dataset = ImageFiles(paths, eval_transform(args.image_size, index['mean'], index['std']))
     todo = torch.utils.data.Subset(dataset, range(index['done'], len(paths)))
@@ -128,13 +150,13 @@ def main(argv=None):
                         help='caption files whose images to cache (several share one cache)')
     parser.add_argument('--output_dir', default='data/features', help='folder for the cache')
     parser.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='backbone')
-    parser.add_argument('--image_size', type=int, help="images are squared to this size (default: the backbone's "
+    parser.add_argument('--image_size', type=integer(16, 1024), help="images are squared to this size (default: the backbone's "
                         'input size, 224 for ResNets)')
     parser.add_argument('--flip', action='store_true', help="also cache the mirrored images' features")
     parser.add_argument('--spatial', action='store_true',
                         help='cache the unpooled feature map (for train.py --decoder attention); 49x larger')
-    parser.add_argument('--batch_size', type=int, default=32)
-    parser.add_argument('--num_workers', type=int, default=2, help='image loading processes')
+    parser.add_argument('--batch_size', type=integer(1), default=32)
+    parser.add_argument('--num_workers', type=integer(0), default=2, help='image loading processes')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")
     args = parser.parse_args(argv)
     args.image_size = args.image_size or LITE_SIZES.get(args.cnn, 224)

@@ -130,18 +130,19 @@ PREPOSITIONS = {'of', 'in', 'on', 'with', 'at', 'to', 'by', 'for', 'from', 'into
                 'near', 'behind', 'through', 'across', 'along', 'around', 'above', 'below', 'beside', 'between',
                 'towards', 'toward', 'inside', 'outside', 'against', 'during', 'among', 'beneath', 'underneath'}
 
+NOT_AFTER_ARTICLE = ARTICLES | PREPOSITIONS | {'is', 'are', 'and', '.'}  # "a and", "the of", "a ."
+
 
 def has_hole(words):
     """Whether a caption (its words) reads broken: it holds <unk>; it ends (before its full stop, or
     cut off without one) in an article or in of/in/on/with/at/to/and; or an article is followed
-    by another article, a preposition, is/are or the full stop."""
+    by another article, a preposition, is/are, "and" or the full stop."""
     if '<unk>' in words:
         return True
     body = words[:-1] if words and words[-1] == '.' else words
     if not body or body[-1] in BAD_ENDINGS:
         return True
-    return any(w in ARTICLES and (nxt in ARTICLES or nxt in PREPOSITIONS or nxt in ('is', 'are', '.'))
-               for w, nxt in zip(words, words[1:]))
+    return any(w in ARTICLES and nxt in NOT_AFTER_ARTICLE for w, nxt in zip(words, words[1:]))
 
 
 def repeats_phrase(words, n=3):

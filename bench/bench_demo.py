@@ -1,10 +1,12 @@
 """The web demo under a burst: latency, the server's peak memory, and every answer checked.
 
 Starts demo.py on a free port of 127.0.0.1, sends --requests caption requests from --clients
-concurrent clients (the repo's example photos, a corrupt file, a truncated one), and posts an
-oversized file straight to the upload route; then stops the server. Prints latency percentiles,
-the server's peak resident memory, how many times it loaded the model, and the uploads still on
-its disk after answering; --json writes every answer.
+concurrent clients (the repo's example photos, a corrupt file, a truncated one), then a burst of
+large PNGs from the same clients (7000x7000, just under the 50-megapixel budget, and 9400x9400,
+over it), and posts an oversized file and a request of too many files straight to the upload
+route; then stops the server. Prints latency percentiles, the server's peak resident memory, how
+many times it loaded the model, and the uploads still on its disk after answering; --json writes
+every answer.
 
     python bench/bench_demo.py           # 50 requests from 8 clients
 """
@@ -66,8 +68,8 @@ def burst(port, files, requests, clients, decoding):
         path = files[i % len(files)]
         client = Client(f'http://127.0.0.1:{port}/', verbose=False, analytics_enabled=False, download_files=False)
         start = time.perf_counter()
-        caption, _, _ = client.predict(handle_file(path), decoding.beam_size, decoding.length_penalty,
-                                       api_name='/caption')
+        caption = client.predict(handle_file(path), decoding.beam_size, decoding.length_penalty,
+                                 api_name='/caption')[0]
         name = os.path.basename(path).removeprefix('upload_')
         return {'file': name, 'answer': caption, 'seconds': time.perf_counter() - start}
     with ThreadPoolExecutor(clients) as pool:
@@ -82,10 +84,29 @@ def post_oversized(port, megabytes):
     return response.status_code
 
 
+def post_many(port, count):
+    """Post `count` small files in one upload request; returns the HTTP status."""
+    files = [('files', (f'{i}.jpg', b'\xff\xd8' + bytes(1000))) for i in range(count)]
+    return httpx.post(f'http://127.0.0.1:{port}/gradio_api/upload', files=files, timeout=60).status_code
+
+
+def write_large_pngs(folder):
+    """A 7000x7000 and a 9400x9400 PNG (a few hundred KB each: stripes compress well)."""
+    import numpy as np
+    from PIL import Image
+    paths = []
+    for side in (7000, 9400):
+        pixels = np.zeros((side, side, 3), np.uint8)
+        pixels[::16] = (200, 120, 40)
+        paths.append(os.path.join(folder, f'upload_large{side}.png'))
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--requests', type=int, default=50)
-    parser.add_argument('--clients', type=int, default=8)
+    parser.add_argument('--requests', type=int, default=50, help='caption requests of the first burst')
+    parser.add_argument('--clients', type=int, default=8, help='concurrent clients')
     parser.add_argument('--json', help='write every answer here')
     args = parser.parse_args()
     port = free_port()
@@ -103,8 +124,14 @@ def main():
             answers = burst(port, photos + [corrupt, truncated], args.requests, args.clients, decoding)
             wall = time.perf_counter() - start
             oversized = post_oversized(port, 3)
+            too_many = post_many(port, 10)
             after = burst(port, photos[:1], 1, 1, decoding)[0]['answer']  # still serving
             memory = peak_memory_mb(server.pid)
+            large = write_large_pngs(work)
+            start = time.perf_counter()
+            large_answers = burst(port, large, 2 * args.clients, args.clients, decoding)
+            large_wall = time.perf_counter() - start
+            large_memory = peak_memory_mb(server.pid)
             left = sorted(name for _, _, names in os.walk(uploads) for name in names
                           if name.startswith('upload_') or name in ('corrupt.jpg', 'truncated.jpg'))
         finally:
@@ -118,12 +145,18 @@ def main():
     print(f'  latency: median {statistics.median(seconds):.2f} s, 90th percentile '
           f'{seconds[int(0.9 * (len(seconds) - 1))]:.2f} s, max {seconds[-1]:.2f} s')
     print(f'  server peak memory: {memory:.0f} MB; model loaded {loads} time(s)')
-    print(f'  oversized upload (3 MB, limit 2 MB): HTTP {oversized}; answered after it: {after!r}')
+    print(f'  oversized upload (3 MB, limit 2 MB): HTTP {oversized}; 10 files in one request: HTTP {too_many}; '
+          f'answered after them: {after!r}')
+    print(f'  {len(large_answers)} requests of 7000x7000 and 9400x9400 PNGs from {args.clients} clients in '
+          f'{large_wall:.1f} s; server peak memory then {large_memory:.0f} MB')
+    for name in sorted({a['file'] for a in large_answers}):
+        print(f'    {name}: {next(a["answer"] for a in large_answers if a["file"] == name)!r}')
     print(f'  uploads still on the server after answering: {len(left)}')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'answers': answers, 'oversized_status': oversized, 'after': after, 'loads': loads,
-                       'uploads_left': left}, f, indent=1)
+            json.dump({'answers': answers, 'oversized_status': oversized, 'too_many_status': too_many, 'after': after,
+                       'loads': loads, 'uploads_left': left, 'large_answers': large_answers,
+                       'peak_memory_mb': memory, 'large_peak_memory_mb': large_memory}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -70,7 +70,7 @@ def test_bad_model_files_give_one_line_errors(tiny_model, tmp_path, capsys):
     torch.save({'config': RunsCode()}, tmp_path / 'evil.ckpt')
     cases = [
         (['--vocab_path', str(tmp_path / 'evil.pkl')], 'evil.pkl: not a usable vocabulary'),
-        (['--decoder_path', str(tmp_path / 'evil.ckpt')], 'evil.ckpt: not a loadable checkpoint'),
+        (['--decoder_path', str(tmp_path / 'evil.ckpt')], 'evil.ckpt: refused: it holds Python code or objects'),
         (['--encoder_path', str(tmp_path / 'missing.ckpt')], 'missing.ckpt: no such checkpoint'),
         (['--vocab_path', str(tmp_path / 'missing.pkl')], 'missing.pkl: no such vocabulary file'),
         (['--decoder_path', tiny_model['encoder']], 'does not fit the model'),
