@@ -15,7 +15,7 @@ from build_vocab import load_vocab
 from checkpoints import check_vocab, load_weights, read_model
 from data_loader import FeatureDataset, ImageFiles, ImageSet, eval_transform
 from errors import integer, number
-from images import ImageError, open_image
+from images import open_image
 from metrics import ARTICLES, BAD_ENDINGS, NOT_AFTER_ARTICLE
 from model import CNN_CHOICES, CaptionGuard, Decoding, ModelConfig, beam_search, build_networks
 
@@ -206,7 +206,7 @@ def add_model_args(parser):
     sizes.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size)
     sizes.add_argument('--num_layers', type=integer(1, 8), default=ModelConfig.num_layers)
     decoding = parser.add_argument_group('decoding (default: what the checkpoint records, else greedy)')
-    decoding.add_argument('--beam_size', type=integer(*Decoding.LIMITS['beam_size']), help=f'1 = greedy, as the classic recipe')
+    decoding.add_argument('--beam_size', type=integer(*Decoding.LIMITS['beam_size']), help='1 = greedy, as the classic recipe')
     decoding.add_argument('--length_penalty', type=number(0, 10),
                           help='rank finished beams by sum(log p) / length**alpha (0 = raw log-probability)')
     decoding.add_argument('--max_length', type=integer(*Decoding.LIMITS['max_length']), help=f'most words generated (default {Decoding.max_length})')

@@ -12,7 +12,6 @@ they are read with sizes given by flags.
 import hashlib
 import io
 import os
-import re
 import uuid
 
 from errors import InputError

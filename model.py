@@ -10,7 +10,6 @@ published state_dicts load unchanged (its `resnet.*` keys are read as `backbone.
 """
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
 
 import torch

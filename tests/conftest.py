@@ -1,4 +1,5 @@
 """Shared fixtures: paths, a tiny trained model, subprocess helpers. Everything runs offline on CPU."""
+import json
 import os
 import shutil
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -70,3 +72,51 @@ def nltk_reference(tmp_path):
     nltk.data.path.insert(0, str(data))
     yield nltk.word_tokenize
     nltk.data.path.remove(str(data))
+
+
+SCENES = {'red.png': ('red', 'a red square on a white wall'), 'blue.png': ('blue', 'two blue birds in the sky'),
+          'green.png': ('green', 'a green field with a tree'), 'yellow.png': ('yellow', 'a yellow taxi on the road')}
+
+
+def make_scenes(folder, size=72):
+    """Generated images, each with its own caption (given twice), in COCO format."""
+    import build_vocab
+    (folder / 'images').mkdir(parents=True)
+    images, annotations = [], []
+    for i, (name, (color, caption)) in enumerate(SCENES.items(), 1):
+        image = Image.new('RGB', (size, size), color)
+        ImageDraw.Draw(image).ellipse((size // 4, size // 4, size // 2, size // 2), fill='black')
+        image.save(folder / 'images' / name)
+        images.append({'id': i, 'file_name': name})
+        annotations += [{'id': 2 * i, 'image_id': i, 'caption': caption},
+                        {'id': 2 * i + 1, 'image_id': i, 'caption': caption.upper()}]
+    (folder / 'captions.json').write_text(json.dumps({'images': images, 'annotations': annotations}))
+    build_vocab.main(['--caption_path', str(folder / 'captions.json'), '--vocab_path', str(folder / 'vocab.pkl'),
+                      '--threshold', '1'])
+    return folder
+
+
+def train_args(folder, model_path, *extra):
+    return ['--cnn', 'efficientnet-lite0', '--image_dir', str(folder / 'images'),
+            '--caption_path', str(folder / 'captions.json'), '--vocab_path', str(folder / 'vocab.pkl'),
+            '--model_path', str(model_path), '--crop_size', '64', '--embed_size', '32', '--hidden_size', '64',
+            '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--seed', '3', *extra]
+
+
+def final_weights(model_path, name):
+    return torch.load(model_path / name, weights_only=True)['model']
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def tiny_decoder(kind, embed_size, hidden_size, vocab_size, dropout=0.0):
+    """A decoder of any kind (in eval mode), and a function making (B, ...) image features it takes."""
+    from model import AttentionDecoder, DecoderRNN
+    if kind.startswith('attention'):
+        decoder = AttentionDecoder(embed_size, hidden_size, vocab_size, dropout, deep_output=kind == 'attention-deep')
+        return decoder.eval(), lambda b: torch.randn(b, 5, embed_size)
+    return DecoderRNN(embed_size, hidden_size, vocab_size, 1, dropout).eval(), lambda b: torch.randn(b, embed_size)

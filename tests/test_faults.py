@@ -18,9 +18,8 @@ from PIL import Image
 import checkpoints
 import resize
 import train
-from conftest import ROOT
 from odd_images import write_broken_images
-from test_train import assert_same_weights, final_weights, make_scenes, train_args
+from conftest import ROOT, assert_same_weights, final_weights, make_scenes, train_args
 
 
 def train_in_subprocess(folder, model_path, *extra):

@@ -6,20 +6,18 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import extract_features
 import train
 from build_vocab import load_vocab
 from captioner import Captioner
-from conftest import ROOT
 from data_loader import CocoDataset, GroupedDataset, collate_grouped, eval_transform
 from images import open_image
 from model import AttentionDecoder, Decoding, EncoderCNN
 from odd_images import write_broken_images
 
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3  # EfficientNet-Lite's (pixel - 127) / 128
-from test_train import make_scenes, train_args
+from conftest import ROOT, make_scenes, train_args
 
 
 def extract(folder, out, *extra):

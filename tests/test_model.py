@@ -17,7 +17,7 @@ import sample
 from build_vocab import Vocabulary
 from captioner import Captioner
 from checkpoints import load_checkpoint
-from conftest import ROOT, shared_path
+from conftest import ROOT, shared_path, tiny_decoder
 from data_loader import eval_transform
 from errors import InputError
 from metrics import has_hole, repeats_phrase
@@ -319,14 +319,6 @@ def sequence_score(decoder, feature, tokens, end_id):
         if token == end_id:
             return total, length
     return total, len(tokens)
-
-
-def tiny_decoder(kind, embed_size, hidden_size, vocab_size, dropout=0.0):
-    """A decoder of any kind (in eval mode), and a function making (B, ...) image features it takes."""
-    if kind.startswith('attention'):
-        decoder = AttentionDecoder(embed_size, hidden_size, vocab_size, dropout, deep_output=kind == 'attention-deep')
-        return decoder.eval(), lambda b: torch.randn(b, 5, embed_size)
-    return DecoderRNN(embed_size, hidden_size, vocab_size, 1, dropout).eval(), lambda b: torch.randn(b, embed_size)
 
 
 @pytest.mark.parametrize('kind', ['lstm', 'attention', 'attention-deep'])

@@ -8,11 +8,9 @@ import torch
 import train
 from build_vocab import Vocabulary, tokenize
 from captioner import Captioner, caption_guard
-from conftest import TEST_DATA
 from metrics import CiderD, has_hole, repeats_phrase
 from model import CaptionGuard, Decoding, beam_search, sample
-from test_model import tiny_decoder
-from test_train import assert_same_weights, final_weights, make_scenes, train_args
+from conftest import TEST_DATA, assert_same_weights, final_weights, make_scenes, tiny_decoder, train_args
 
 UNK, END = 3, 2
 

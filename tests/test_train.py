@@ -3,42 +3,13 @@ import os
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import bf16
-import build_vocab
 import train
 from build_vocab import tokenize
 from captioner import Captioner
+from conftest import SCENES, assert_same_weights, final_weights, make_scenes, train_args
 from metrics import CiderD
-
-SCENES = {'red.png': ('red', 'a red square on a white wall'), 'blue.png': ('blue', 'two blue birds in the sky'),
-          'green.png': ('green', 'a green field with a tree'), 'yellow.png': ('yellow', 'a yellow taxi on the road')}
-
-
-def make_scenes(folder, size=72):
-    """Generated images, each with its own caption (given twice), in COCO format."""
-    (folder / 'images').mkdir(parents=True)
-    images, annotations = [], []
-    for i, (name, (color, caption)) in enumerate(SCENES.items(), 1):
-        image = Image.new('RGB', (size, size), color)
-        ImageDraw.Draw(image).ellipse((size // 4, size // 4, size // 2, size // 2), fill='black')
-        image.save(folder / 'images' / name)
-        images.append({'id': i, 'file_name': name})
-        annotations += [{'id': 2 * i, 'image_id': i, 'caption': caption},
-                        {'id': 2 * i + 1, 'image_id': i, 'caption': caption.upper()}]
-    (folder / 'captions.json').write_text(json.dumps({'images': images, 'annotations': annotations}))
-    build_vocab.main(['--caption_path', str(folder / 'captions.json'), '--vocab_path', str(folder / 'vocab.pkl'),
-                      '--threshold', '1'])
-    return folder
-
-
-def train_args(folder, model_path, *extra):
-    return ['--cnn', 'efficientnet-lite0', '--image_dir', str(folder / 'images'),
-            '--caption_path', str(folder / 'captions.json'), '--vocab_path', str(folder / 'vocab.pkl'),
-            '--model_path', str(model_path), '--crop_size', '64', '--embed_size', '32', '--hidden_size', '64',
-            '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--seed', '3', *extra]
-
 
 def test_tiny_model_learns_its_captions(tmp_path):
     folder = make_scenes(tmp_path)
@@ -82,16 +53,6 @@ def test_label_smoothing_keeps_the_loss_above_its_floor(tmp_path, capsys):
     assert [c for _, c in captioner.caption_files(paths, num_workers=0)] == [c for _, c in SCENES.values()]
     log = [json.loads(line) for line in open(models / 'train_log.jsonl')]
     assert 1.08 < log[-1]['loss'] < 1.5
-
-
-def final_weights(model_path, name):
-    return torch.load(model_path / name, weights_only=True)['model']
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
 
 
 def test_resume_from_epoch_end_matches_an_uninterrupted_run(tmp_path):
