@@ -140,7 +140,7 @@ def demo_server():
     server, address = start_demo()
     yield address
     server.terminate()
-    server.wait(30)
+    server.wait(120)
 
 
 def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions, tmp_path):
@@ -171,7 +171,7 @@ def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions, tmp_path
             answers = list(pool.map(one, range(5)))
     finally:
         server.terminate()
-        server.wait(30)
+        server.wait(120)
     assert set(answers) == {sample_captions['surfers.jpg'], 'Queue is full! Please try again.'}, answers
     assert os.listdir(tmp_path) == []
 
@@ -207,13 +207,13 @@ def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
             if clear.count():  # the previous photo
                 clear.first.click()
             page.locator('input[type=file]').first.set_input_files(str(path))
-            deadline = time.time() + 120
+            deadline = time.time() + 600  # a busy machine may be several times slower
             while not caption.input_value().startswith(expected):
                 assert time.time() < deadline, f'{path}: the page shows {caption.input_value()!r}'
                 page.wait_for_timeout(250)
             return caption.input_value()
         def wait_for(expected):
-            deadline = time.time() + 300
+            deadline = time.time() + 600
             while not caption.input_value().startswith(expected):
                 assert time.time() < deadline, f'the page shows {caption.input_value()!r}, not {expected!r}'
                 page.wait_for_timeout(250)
@@ -231,7 +231,7 @@ def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
         slider.fill('1')
         slider.dispatch_event('pointerup')
         wait_for(greedy_caption(PHOTOS[0]))
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while page.locator('#beams tbody tr').count() != 1:  # one beam
             assert time.time() < deadline, page.locator('#beams tbody tr').count()
             page.wait_for_timeout(250)

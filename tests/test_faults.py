@@ -28,7 +28,7 @@ def train_in_subprocess(folder, model_path, *extra):
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
-def wait_for(path, process, timeout=120):
+def wait_for(path, process, timeout=600):
     deadline = time.time() + timeout
     while not path.exists():
         assert process.poll() is None, process.communicate()
@@ -41,7 +41,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     folder = make_scenes(tmp_path)
     common = ('--num_epochs', '3', '--batch_size', '2', '--save_step', '3', '--log_step', '2')
     whole = train_in_subprocess(folder, tmp_path / 'whole', *common)
-    assert whole.wait(300) == 0, whole.communicate()
+    assert whole.wait(900) == 0, whole.communicate()
     killed = train_in_subprocess(folder, tmp_path / 'parts', *common)
     wait_for(tmp_path / 'parts' / 'decoder-2-3.ckpt', killed)  # mid-epoch: an epoch has 4 steps
     killed.send_signal(signal.SIGKILL)
@@ -52,7 +52,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
             for old in checkpoints.model_files(path):
                 os.remove(old)
     resumed = train_in_subprocess(folder, tmp_path / 'parts', *common, '--resume', 'latest')
-    _, err = resumed.communicate(timeout=300)
+    _, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err
     assert '(epoch 2, step 3 done)' in err
     for name in ('decoder-3-4.ckpt', 'encoder-3-4.ckpt'):
@@ -70,7 +70,7 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     wait_for(tmp_path / 'm' / 'train_log.jsonl', process)
     time.sleep(0.5)
     process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=600)
     assert process.returncode == 128 + signum
     assert 'Traceback' not in err and 'continue with --resume latest' in err
     assert train.saved_checkpoints(str(tmp_path / 'm'))

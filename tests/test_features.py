@@ -185,7 +185,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533',
                              'train.py', *train_args(folder, models, '--num_epochs', '2', '--batch_size', '2',
                                                      '--log_step', '1')],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            cwd=ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
     # 8 captions over 2 processes at 2 per batch: 2 steps per epoch.

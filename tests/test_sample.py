@@ -73,7 +73,7 @@ def test_bad_model_files_give_one_line_errors(tiny_model, tmp_path, capsys):
         (['--decoder_path', str(tmp_path / 'evil.ckpt')], 'evil.ckpt: refused: it holds Python code or objects'),
         (['--encoder_path', str(tmp_path / 'missing.ckpt')], 'missing.ckpt: no such checkpoint'),
         (['--vocab_path', str(tmp_path / 'missing.pkl')], 'missing.pkl: no such vocabulary file'),
-        (['--decoder_path', tiny_model['encoder']], 'does not fit the model'),
+        (['--decoder_path', tiny_model['encoder']], 'encoder-2-4.ckpt: no decoder weights (embed.weight, linear.weight)'),
     ]
     for flags, problem in cases:
         assert problem in error_of('--image', example, *model_flags(tiny_model), *flags)
