@@ -1,8 +1,8 @@
 """bfloat16 inference for the encoder (`--precision bf16`), with a data-free bias correction.
 
-`native_bf16` also decides whether train.py --amp can use bfloat16 on a CPU. The backbone runs under bfloat16 autocast, but for its
-high-resolution first layers (EncoderCNN.split_backbone), where rounding changed the most
-captions and costs little to avoid. Rounding a convolution's weights to bfloat16 also shifts
+`native_bf16` also decides whether train.py --amp can use bfloat16 on a CPU. The backbone runs
+under bfloat16 autocast, but for its high-resolution first layers (EncoderCNN.split_backbone),
+where rounding changed the most captions and costs little to avoid. Rounding a convolution's weights to bfloat16 also shifts
 the mean of its outputs; where its input is ReLU(BatchNorm(...)), that input's mean follows
 from the BatchNorm's beta and gamma, so the shift is known and the next BatchNorm takes it off
 (Nagel et al., 2019, "Data-Free Quantization"). bench/README.md has the figures.

@@ -206,16 +206,19 @@ def add_model_args(parser):
     sizes.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size)
     sizes.add_argument('--num_layers', type=integer(1, 8), default=ModelConfig.num_layers)
     decoding = parser.add_argument_group('decoding (default: what the checkpoint records, else greedy)')
-    decoding.add_argument('--beam_size', type=integer(*Decoding.LIMITS['beam_size']), help='1 = greedy, as the classic recipe')
+    limits = Decoding.LIMITS
+    decoding.add_argument('--beam_size', type=integer(*limits['beam_size']), help='1 = greedy, as the classic recipe')
     decoding.add_argument('--length_penalty', type=number(0, 10),
                           help='rank finished beams by sum(log p) / length**alpha (0 = raw log-probability)')
-    decoding.add_argument('--max_length', type=integer(*Decoding.LIMITS['max_length']), help=f'most words generated (default {Decoding.max_length})')
+    decoding.add_argument('--max_length', type=integer(*limits['max_length']),
+                          help=f'most words generated (default {Decoding.max_length})')
     decoding.add_argument('--allow_unk', action='store_true',
                           help='let the model generate <unk> (printed as a word); by default it never does')
     decoding.add_argument('--allow_holes', action='store_true', help='let a caption end in an article or '
                           'preposition, or put an article before one (by default it never does)')
-    decoding.add_argument('--no_repeat', type=integer(*Decoding.LIMITS['no_repeat']), help='never repeat a phrase of this many words '
-                          f'(0 = allow; default {Decoding.no_repeat})')
+    decoding.add_argument('--no_repeat', type=integer(*limits['no_repeat']),
+                          help='never repeat a phrase of this many words, 1: no word twice (0 = allow; default: what '
+                               f'the model records, else {Decoding.no_repeat})')
     parser.add_argument('--batch_size', type=integer(1), default=16, help='images per batch')
     parser.add_argument('--num_workers', type=integer(0), default=2, help='image loading processes')
     parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',

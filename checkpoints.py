@@ -143,7 +143,8 @@ def read_model(encoder_path, decoder_path, classic_config):
         config, decoding = ModelConfig(**dec['config']), Decoding(**dec['decoding'])
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f'{decoder_path}: its recorded config or decoding is invalid ({e})') from None
-    encoder_state, decoder_state = _checked_state(encoder_path, enc.get('model')), _checked_state(decoder_path, dec.get('model'))
+    encoder_state = _checked_state(encoder_path, enc.get('model'))
+    decoder_state = _checked_state(decoder_path, dec.get('model'))
     _check_sizes(decoder_path, config, decoder_state)
     return config, decoding, encoder_state, decoder_state, dec
 

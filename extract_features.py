@@ -150,7 +150,8 @@ def main(argv=None):
                         help='caption files whose images to cache (several share one cache)')
     parser.add_argument('--output_dir', default='data/features', help='folder for the cache')
     parser.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='backbone')
-    parser.add_argument('--image_size', type=integer(16, 1024), help="images are squared to this size (default: the backbone's "
+    parser.add_argument('--image_size', type=integer(16, 1024),
+                        help="images are squared to this size (default: the backbone's "
                         'input size, 224 for ResNets)')
     parser.add_argument('--flip', action='store_true', help="also cache the mirrored images' features")
     parser.add_argument('--spatial', action='store_true',

@@ -65,7 +65,8 @@ def add_model_flags(parser):
     model.add_argument('--decoder', default=ModelConfig.decoder, choices=('lstm', 'attention'),
                        help="lstm: the classic Show-and-Tell decoder; attention: Show, Attend and Tell's soft "
                             "attention over the backbone's feature map (from images, or a --spatial cache)")
-    model.add_argument('--embed_size', type=integer(1, 8192), default=ModelConfig.embed_size, help='word and image embedding')
+    model.add_argument('--embed_size', type=integer(1, 8192), default=ModelConfig.embed_size,
+                       help='word and image embedding')
     model.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size, help='LSTM hidden size')
     model.add_argument('--num_layers', type=integer(1, 8), default=ModelConfig.num_layers, help='LSTM layers (lstm only)')
     model.add_argument('--deep_output', action=argparse.BooleanOptionalAction, default=ModelConfig.deep_output,
