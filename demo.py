@@ -244,14 +244,19 @@ def remove_leftovers(parent):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: this machine only)')
-    parser.add_argument('--port', type=integer(0, 65535), default=7860)
-    parser.add_argument('--max_upload_mb', type=number(above=0, high=1024), default=10, help='largest upload accepted')
+    parser.add_argument('--port', type=integer(1, 65535), default=7860)
+    parser.add_argument('--max_upload_mb', type=number(above=0, high=1024), default=10,
+                        help='largest request accepted (one photo, or a few)')
     parser.add_argument('--queue_size', type=integer(1, 1000), default=16, help='requests that may wait for the model')
     add_model_args(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         captioner = Captioner.from_args(args)
     except InputError as e:

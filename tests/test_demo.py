@@ -237,3 +237,64 @@ def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
             page.wait_for_timeout(250)
         browser.close()
     assert outside == []
+
+
+def test_the_demo_listens_on_this_machine_only_and_caps_uploads_by_default(tmp_path, shipped):
+    import demo
+    args = demo.parse_args([])
+    assert (args.host, args.port, args.max_upload_mb, args.queue_size) == ('127.0.0.1', 7860, 10, 16)
+    page = demo.Demo(shipped, 2 ** 20, upload_dir=tmp_path)
+    (tmp_path / 'f6').mkdir()
+    big = tmp_path / 'f6' / 'photo.jpg'
+    big.write_bytes(open(PHOTOS[1], 'rb').read() + bytes(2 ** 20))  # a real photo, padded past 1 MB
+    assert page.answer(str(big), 1, 0)[0] == 'error: photo.jpg: larger than 1 MB'
+
+
+def asgi_post(app, body, headers):
+    """POST `body` to an ASGI app at /gradio_api/upload: (status, what the app received or None)."""
+    import asyncio
+    received, sent = [], []
+
+    async def inner(scope, receive, send):
+        message = await receive()
+        received.append(message['body'])
+        await send({'type': 'http.response.start', 'status': 200, 'headers': []})
+        await send({'type': 'http.response.body', 'body': b'ok'})
+
+    async def run():
+        chunks = [body[:100], body[100:]]
+
+        async def receive():
+            chunk = chunks.pop(0) if chunks else b''
+            return {'type': 'http.request', 'body': chunk, 'more_body': bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+        scope = {'type': 'http', 'method': 'POST', 'path': '/gradio_api/upload', 'headers': headers}
+        await app(inner)(scope, receive, send)
+    asyncio.run(run())
+    return sent[0]['status'], (received[0] if received else None)
+
+
+def test_upload_requests_are_capped_in_size_and_files_before_anything_is_stored():
+    import demo
+    limited = lambda inner: demo.UploadLimit(inner, max_bytes=1000)
+    boundary = b'XyZ'
+
+    def form(files):
+        parts = b''.join(b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="%d.jpg"\r\n\r\n' % i
+                         + content + b'\r\n' for i, content in enumerate(files))
+        return parts + b'--XyZ--\r\n'
+
+    def headers(body, length=True):
+        found = [(b'content-type', b'multipart/form-data; boundary=' + boundary)]
+        return found + ([(b'content-length', str(len(body)).encode())] if length else [])
+    one = form([b'\xff\xd8' + bytes(300)])
+    assert asgi_post(limited, one, headers(one)) == (200, one)  # handed on whole
+    big = form([bytes(600), bytes(600)])
+    assert asgi_post(limited, big, headers(big)) == (413, None)
+    many = form([b'x'] * 5)
+    assert asgi_post(limited, many, headers(many)) == (413, None)
+    four = form([b'x'] * 4)
+    assert asgi_post(limited, four, headers(four))[0] == 200
+    assert asgi_post(limited, one, headers(one, length=False)) == (411, None)

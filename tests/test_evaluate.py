@@ -10,6 +10,7 @@ import metrics
 import prepro_flickr8k
 import prepro_karpathy
 import train
+from captioner import Captioner
 from conftest import TEST_DATA, shared_path
 
 needs_java = pytest.mark.skipif(shutil.which('java') is None, reason='the PTB tokenizer and METEOR need Java')
@@ -84,35 +85,41 @@ def test_caption_and_score_a_split_with_a_model(tiny_model, tmp_path, capsys):
              '--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
              '--vocab_path', tiny_model['vocab'], '--num_workers', '0', '--device', 'cpu',
              '--allow_holes', '--no_repeat', '0']  # guarded, this tiny model says "a man" at any beam size
-    scores = {}
+    scores, captions = {}, {}
+    images = {i['id']: i['file_name'] for i in json.load(open(caption_path))['images']}
     for beam in (1, 3):
         out = tmp_path / f'beam{beam}'
         evaluate.main(flags + ['--beam_size', str(beam), '--output', f'{out}.json', '--scores', f'{out}-scores.json'])
         results = json.load(open(f'{out}.json'))
         assert len(results) == 12 and all(set(r) == {'image_id', 'caption'} for r in results)
+        captioner = Captioner.load(tiny_model['encoder'], tiny_model['decoder'], tiny_model['vocab'], 'cpu',
+                                   beam_size=beam, allow_holes=True, no_repeat=0)
+        captions[beam] = {r['image_id']: r['caption'] for r in results}
+        assert captions[beam] == {i: captioner.caption(os.path.join(TEST_DATA, 'images', images[i])) for i in images}
         scores[beam] = json.load(open(f'{out}-scores.json'))
     assert 'scoring 12 images' in capsys.readouterr().err
-    assert scores[1] != scores[3]
+    assert captions[1] != captions[3] and scores[1] != scores[3]  # the beam size reached the search
 
 
-def test_captions_from_a_feature_cache_match_those_from_the_images(tiny_model, tmp_path):
-    """--features runs only the decoder on the cache; the captions are the images' own."""
+def test_captions_from_a_feature_cache_match_those_from_the_images(tmp_path):
+    """--features runs only the decoder on the cache; the captions are the images' own (the shipped
+    model, whose captions differ from photo to photo)."""
     caption_path, image_dir = os.path.join(TEST_DATA, 'captions.json'), os.path.join(TEST_DATA, 'images')
-    model = ['--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
-             '--vocab_path', tiny_model['vocab'], '--device', 'cpu', '--beam_size', '2']
-    for size in (56, 64):  # the tiny model reads 56x56 images
-        extract_features.main(['--image_dir', image_dir, '--caption_path', caption_path, '--cnn', 'efficientnet-lite0',
+    model = ['--device', 'cpu', '--beam_size', '2']
+    for size in (224, 240):  # the shipped model reads 224x224 images (Lite1's own size is 240)
+        extract_features.main(['--image_dir', image_dir, '--caption_path', caption_path, '--cnn', 'efficientnet-lite1',
                                '--image_size', str(size), '--output_dir', str(tmp_path / f'cache{size}'),
-                               '--num_workers', '0', '--device', 'cpu'])
+                               '--num_workers', '0', '--device', 'cpu', '--spatial'])
     runs = {}
     for name, source in (('images', ['--image_dir', image_dir, '--num_workers', '0']),
-                         ('cache', ['--features', str(tmp_path / 'cache56')])):
+                         ('cache', ['--features', str(tmp_path / 'cache224')])):
         evaluate.main(['--caption_path', caption_path, *source, *model, '--output', str(tmp_path / f'{name}.json'),
                        '--scores', str(tmp_path / f'{name}-scores.json')])
         runs[name] = sorted((r['image_id'], r['caption']) for r in json.load(open(tmp_path / f'{name}.json')))
     assert len(runs['cache']) == 12 and runs['cache'] == runs['images']
-    with pytest.raises(SystemExit, match='cache64: cached at input size 64 .* the model reads 56'):
-        evaluate.main(['--caption_path', caption_path, '--features', str(tmp_path / 'cache64'), *model,
+    assert len({caption for _, caption in runs['images']}) > 6  # not one caption for every photo
+    with pytest.raises(SystemExit, match='cache240: cached at input size 240 .* the model reads 224'):
+        evaluate.main(['--caption_path', caption_path, '--features', str(tmp_path / 'cache240'), *model,
                        '--output', str(tmp_path / 'wrong.json')])
     assert not (tmp_path / 'wrong.json').exists()
 

@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 import pickle
 import subprocess
@@ -17,11 +18,11 @@ import sample
 from build_vocab import Vocabulary
 from captioner import Captioner
 from checkpoints import load_checkpoint
-from conftest import ROOT, shared_path, tiny_decoder
+from conftest import ROOT, make_scenes, shared_path, tiny_decoder
 from data_loader import eval_transform
 from errors import InputError
 from metrics import has_hole, repeats_phrase
-from model import AttentionDecoder, DecoderRNN, EncoderCNN, ModelConfig, beam_search
+from model import AttentionDecoder, DecoderRNN, Decoding, EncoderCNN, ModelConfig, beam_search
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -68,7 +69,17 @@ def test_decoder_trains_image_step_to_emit_start():
     # Step 0 of sequence 0 sees only the image; its score must equal running the LSTM on the image alone.
     hidden, _ = decoder.lstm(features[:1, None])
     assert torch.allclose(outputs[0], decoder.linear(hidden[0, 0]), atol=1e-6)
-    assert beam_search(decoder, features, end_id=2, beam_size=1, max_length=7).shape[0] == 2
+    with torch.no_grad():  # beam size 1 is greedy decoding: the argmax word at every step, fed back
+        log_probs, state = decoder.start(features)
+        greedy = [log_probs.argmax(1)]
+        for _ in range(6):
+            log_probs, state = decoder.step(greedy[-1], state)
+            greedy.append(log_probs.argmax(1))
+    found = beam_search(decoder, features, end_id=2, beam_size=1, max_length=7)
+    expected = torch.stack(greedy, 1)
+    for row, want in zip(found.tolist(), expected.tolist()):  # identical up to each row's first <end>
+        end = want.index(2) + 1 if 2 in want else len(want)
+        assert row[:end] == want[:end] and all(w == 2 for w in row[end:])
 
 
 def test_efficientnet_lite0_loads_offline_weights_from_its_wheel():
@@ -452,3 +463,46 @@ def test_log_probabilities_stay_float32_under_bfloat16_autocast(kind):
         assert got.dtype == torch.float32
         assert torch.allclose(got.exp().sum(1), torch.ones(4), atol=1e-6)
         assert torch.allclose(got, want, atol=0.05)
+
+
+@pytest.mark.parametrize('cnn, mean, std, size', [
+    ('resnet152', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
+    ('resnet18', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
+    ('efficientnet-lite0', (127 / 255,) * 3, (128 / 255,) * 3, 224),
+    ('efficientnet-lite1', (127 / 255,) * 3, (128 / 255,) * 3, 240),
+    ('efficientnet-lite2', (127 / 255,) * 3, (128 / 255,) * 3, 260)])
+def test_each_backbone_has_its_own_normalisation_and_input_size(cnn, mean, std, size, tmp_path):
+    """The config's normalisation is the backbone's; train.py's default crop and extract_features.py's
+    default size are the backbone's own; a captioner normalises and squares with what its config says."""
+    import train
+    config = ModelConfig(cnn=cnn, vocab_size=5)
+    assert config.mean == pytest.approx(mean) and config.std == pytest.approx(std)
+    assert train.parse_args(['--cnn', cnn]).crop_size == size
+    vocab = Vocabulary()
+    for word in ('<pad>', '<start>', '<end>', '<unk>', 'dog'):
+        vocab.add_word(word)
+    recorded = ModelConfig(cnn=cnn, vocab_size=5, image_size=64, mean=(0.25, 0.5, 0.75), std=(0.5, 0.25, 0.125))
+    captioner = Captioner(vocab, None, None, recorded, Decoding(), 'cpu')
+    pixels = captioner.transform(Image.new('RGB', (90, 70), (128, 64, 255)))
+    assert pixels.shape == (3, 64, 64)
+    assert pixels[:, 10, 10].tolist() == pytest.approx([(128 / 255 - 0.25) / 0.5, (64 / 255 - 0.5) / 0.25,
+                                                        (1 - 0.75) / 0.125], abs=1e-6)
+
+
+def test_the_shipped_model_reads_its_recorded_size_and_normalisation():
+    """Lite1 at 224 px, not its own 240; TensorFlow Lite's (pixel - 127) / 128."""
+    captioner = Captioner.load(device='cpu')
+    assert (captioner.config.cnn, captioner.config.image_size) == ('efficientnet-lite1', 224)
+    pixels = captioner.transform(Image.new('RGB', (300, 200), (128, 0, 255)))
+    assert pixels.shape == (3, 224, 224)
+    assert pixels[:, 5, 5].tolist() == pytest.approx([1 / 128, -127 / 128, 1.0], abs=1e-6)
+
+
+def test_extract_features_defaults_to_the_backbones_own_size(tmp_path):
+    import extract_features
+    folder = make_scenes(tmp_path, size=40)
+    extract_features.main(['--image_dir', str(folder / 'images'), '--caption_path', str(folder / 'captions.json'),
+                           '--output_dir', str(tmp_path / 'cache'), '--cnn', 'efficientnet-lite1', '--num_workers', '0',
+                           '--device', 'cpu'])
+    index = json.load(open(tmp_path / 'cache' / 'index.json'))
+    assert index['image_size'] == 240 and index['mean'] == [127 / 255] * 3 and index['std'] == [128 / 255] * 3

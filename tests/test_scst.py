@@ -267,3 +267,37 @@ def test_self_critical_training_raises_cider_d_more_than_cross_entropy(tmp_path)
     score = lambda folder, name: greedy_cider_d(tmp_path / folder, name, tmp_path / 'cache', vocab, references)
     before, cross_entropy, self_critical = score('ce', '150-1'), score('more', '20-1'), score('scst', 'scst-20-1')
     assert self_critical > before + 0.1 and self_critical > cross_entropy + 0.1, (before, cross_entropy, self_critical)
+
+
+@pytest.mark.parametrize('baseline', ['mean', 'greedy'])
+def test_the_advantage_is_reward_minus_baseline(tmp_path, baseline):
+    """When every sample of an image (and its greedy caption) earns the same reward, nothing is
+    better than the baseline: the loss and every gradient are zero."""
+    folder = make_scenes(tmp_path)
+    trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'm', '--baseline', baseline,
+                                                       '--dropout', '0.3')))
+    trainer.rewards = lambda image_ids, ids, count=True: torch.full((len(ids),), 0.7)
+    trainer.model.train()
+    loss = trainer.scst_loss(*next(iter(trainer.loader)))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.params)
+
+
+def test_end_counts_in_the_reward_as_a_word(tmp_path):
+    """A caption that ends scores as its words plus <end> against references that end in <end>;
+    the same words cut off without <end> score lower."""
+    folder = make_scenes(tmp_path)
+    trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'm')))
+    vocab = trainer.vocab
+    words = 'a red square on a white wall'.split()
+    ended = [vocab('<start>')] + [vocab(w) for w in words] + [vocab('<end>'), vocab('<end>')]
+    cut = [vocab('<start>')] + [vocab(w) for w in words] + [vocab('on'), vocab('a')]
+    rewards = trainer.rewards([1, 1], torch.tensor([ended, cut]), count=False)
+    references = {i: [tokenize(c) + ['<end>'] for c in captions] for i, captions in
+                  {1: ['a red square on a white wall'] * 2, 2: ['two blue birds in the sky'] * 2,
+                   3: ['a green field with a tree'] * 2, 4: ['a yellow taxi on the road'] * 2}.items()}
+    expected = CiderD(references)
+    assert rewards[0].item() == pytest.approx(expected.score(1, words + ['<end>']))
+    assert rewards[1].item() == pytest.approx(expected.score(1, words + ['on', 'a']))
+    assert rewards[1] < rewards[0] and rewards[0].item() > 5

@@ -137,3 +137,20 @@ def test_mixed_precision_trains_from_images_and_learns(tmp_path, decoder, capsys
     log = [json.loads(line) for line in open(models / 'train_log.jsonl')]
     assert log[-1]['loss'] < 0.2 * log[0]['loss']
 
+
+
+def test_grad_clip_clips_every_step_at_its_value(tmp_path, monkeypatch):
+    """--grad_clip 0.05: every step's gradient norm is clipped to 0.05 before the optimizer steps."""
+    folder = make_scenes(tmp_path)
+    real_clip, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = real_clip(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        seen.append((max_norm, before.item(), after.item()))
+        return before
+    monkeypatch.setattr(train.nn.utils, 'clip_grad_norm_', spy)
+    assert train.main(train_args(folder, tmp_path / 'm', '--num_epochs', '2', '--grad_clip', '0.05')) == 0
+    assert [s[0] for s in seen] == [0.05] * 4  # 2 epochs of 2 steps
+    assert all(before > 0.05 and after == pytest.approx(0.05, rel=1e-4) for _, before, after in seen), seen
