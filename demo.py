@@ -15,7 +15,6 @@ deletes each upload once read, refuses a request over --max_upload_mb or with mo
 of the last 32 photos (so the sliders re-caption them), and answers one request at a time from a
 queue of --queue_size; beyond it the page says the demo is busy.
 """
-import argparse
 import atexit
 import collections
 import contextlib
@@ -34,7 +33,7 @@ os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # before gradio is i
 from dataclasses import replace  # noqa: E402
 
 from captioner import Captioner, add_model_args  # noqa: E402
-from errors import InputError, integer, number  # noqa: E402
+from errors import InputError, integer, number, script_parser  # noqa: E402
 from figures import attention_figure  # noqa: E402
 from files import process_alive  # noqa: E402
 from images import open_image  # noqa: E402
@@ -245,9 +244,9 @@ def remove_leftovers(parent):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: this machine only)')
-    parser.add_argument('--port', type=integer(1, 65535), default=7860)
+    parser.add_argument('--port', type=integer(1, 65535), default=7860, help='port to listen on')
     parser.add_argument('--max_upload_mb', type=number(above=0, high=1024), default=10,
                         help='largest request accepted (one photo, or a few)')
     parser.add_argument('--queue_size', type=integer(1, 1000), default=16, help='requests that may wait for the model')

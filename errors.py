@@ -49,3 +49,19 @@ def number(low=None, high=None, above=None):
             raise argparse.ArgumentTypeError(str(e) if 'must be' in str(e) else
                                              f'it must be a number, not {text!r}') from None
     return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, except where there is none to show (the flag's help says
+    where its value then comes from, e.g. the model's recorded settings)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def script_parser(doc):
+    """The argument parser of a script: its docstring's first paragraph as the description, defaults shown."""
+    return argparse.ArgumentParser(description=' '.join(doc.strip().split('\n\n')[0].split()),
+                                   formatter_class=HelpFormatter)

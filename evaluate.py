@@ -13,7 +13,6 @@ With --features, the split's images are read from a feature cache that extract_f
 with the model's backbone, input size and normalisation: only the decoder runs, so comparing
 beam sizes or length penalties takes seconds per setting instead of a pass of the backbone.
 """
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ import sys
 from captioner import Captioner, add_model_args
 from captions import bounded_captions, read_captions, read_json, references_by_image
 from data_loader import FeatureDataset, read_feature_index
-from errors import InputError
+from errors import InputError, script_parser
 from images import ImageError
 from metrics import score
 
@@ -73,8 +72,7 @@ def caption_cache(captioner, caption_path, folder, batch_size=64):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = script_parser(__doc__)
     parser.add_argument('--caption_path', default='data/annotations/captions_val2014.json',
                         help='COCO-format reference captions of the split')
     parser.add_argument('--image_dir', default='data/val2014', help="the split's images")

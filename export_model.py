@@ -6,7 +6,6 @@ weights are stored as float16 (loaded back as float32), and --beam_size / --leng
 --no_repeat are recorded so that sample.py and evaluate.py decode with them by default. The
 vocabulary is read with the same safe loader as everything else and checked against the decoder.
 """
-import argparse
 import os
 import pickle
 import sys
@@ -15,7 +14,7 @@ import torch
 
 from build_vocab import load_vocab
 from checkpoints import check_vocab, read_model, vocab_digest, write_model
-from errors import InputError, integer, number
+from errors import InputError, integer, number, script_parser
 from model import Decoding
 
 
@@ -38,13 +37,15 @@ def export(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--encoder_path', required=True)
-    parser.add_argument('--decoder_path', required=True)
-    parser.add_argument('--vocab_path', required=True)
-    parser.add_argument('--output_dir', default='models/flickr8k')
-    parser.add_argument('--beam_size', type=integer(*Decoding.LIMITS['beam_size']), default=Decoding.beam_size)
-    parser.add_argument('--length_penalty', type=number(0, 10), default=Decoding.length_penalty)
+    parser = script_parser(__doc__)
+    parser.add_argument('--encoder_path', required=True, help="the trained model's encoder checkpoint")
+    parser.add_argument('--decoder_path', required=True, help="the trained model's decoder checkpoint")
+    parser.add_argument('--vocab_path', required=True, help='the vocabulary it was trained with')
+    parser.add_argument('--output_dir', default='models/flickr8k', help='folder for the three files (not the input\'s)')
+    parser.add_argument('--beam_size', type=integer(*Decoding.LIMITS['beam_size']), default=Decoding.beam_size,
+                        help='the beam size to record (1 = greedy)')
+    parser.add_argument('--length_penalty', type=number(0, 10), default=Decoding.length_penalty,
+                        help='the length penalty to record')
     parser.add_argument('--no_repeat', type=integer(*Decoding.LIMITS['no_repeat']), default=Decoding.no_repeat,
                         help='never repeat a phrase of this many words (0 = allow)')
     parser.add_argument('--fp32', action='store_true', help='keep float32 weights')

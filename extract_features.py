@@ -10,7 +10,6 @@ Work in progress lives in `*.partial` files (saved every 10 s) and resumes where
 it stopped; the finished cache appears only when complete. A cache built with another backbone or
 image size is refused.
 """
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from captioner import pick_device
 from captions import read_captions
 from files import atomic_write
 from data_loader import CACHE_FORMAT, ImageFiles, eval_transform
-from errors import InputError, integer
+from errors import InputError, integer, script_parser
 from model import CNN_CHOICES, LITE_SIZES, EncoderCNN, ModelConfig
 
 
@@ -144,7 +143,7 @@ def extract(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--image_dir', default='data/resized2014', help='folder of the images')
     parser.add_argument('--caption_path', nargs='+', default=['data/annotations/captions_train2014.json'],
                         help='caption files whose images to cache (several share one cache)')
@@ -156,7 +155,7 @@ def main(argv=None):
     parser.add_argument('--flip', action='store_true', help="also cache the mirrored images' features")
     parser.add_argument('--spatial', action='store_true',
                         help='cache the unpooled feature map (for train.py --decoder attention); 49x larger')
-    parser.add_argument('--batch_size', type=integer(1), default=32)
+    parser.add_argument('--batch_size', type=integer(1), default=32, help='images per backbone forward')
     parser.add_argument('--num_workers', type=integer(0), default=2, help='image loading processes')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")
     args = parser.parse_args(argv)

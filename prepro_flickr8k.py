@@ -6,12 +6,11 @@ Reads `Flickr8k.token.txt` (`name.jpg#k<TAB>caption` lines) and the split lists
 repo works on Flickr8k unchanged (`--image_dir DATA_DIR/Images`). Image ids are
 numbered from 1 in the token file's order; a split whose list is absent is skipped.
 """
-import argparse
 import os
 import sys
 
 from captions import write_coco
-from errors import InputError
+from errors import InputError, script_parser
 
 SPLITS = ('train', 'dev', 'test')
 
@@ -39,7 +38,7 @@ def read_tokens(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--data_dir', default='data/flickr8k', help='folder with the official Flickr8k text files')
     parser.add_argument('--output_dir', default='data/flickr8k', help='where to write captions_{split}.json')
     args = parser.parse_args(argv)

@@ -8,12 +8,11 @@ list images with their `split` (train, restval, val, test), `filename`, for COCO
 `train2014/` and `val2014/` (or the Flickr `Images/` folder). Image ids are COCO's
 `cocoid` where present, else the file's `imgid`.
 """
-import argparse
 import os
 import sys
 
 from captions import read_json, write_coco
-from errors import InputError
+from errors import InputError, script_parser
 
 SPLIT_OF = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}
 
@@ -38,7 +37,7 @@ def read_karpathy(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--split_file', default='data/dataset_coco.json', help="Karpathy's dataset_*.json")
     parser.add_argument('--output_dir', default='data/karpathy', help='where to write captions_karpathy_*.json')
     args = parser.parse_args(argv)

@@ -4,7 +4,6 @@ The classic recipe squares images (aspect ratio not kept) to 256x256 before trai
 224x224 from them. Sub-folders are kept, outputs that already exist are skipped, and broken
 files are reported and skipped.
 """
-import argparse
 import os
 import sys
 from multiprocessing import Pool
@@ -12,7 +11,7 @@ from multiprocessing import Pool
 from tqdm import tqdm
 
 from files import atomic_write
-from errors import InputError, integer
+from errors import InputError, integer, script_parser
 from images import ImageError, open_image, square
 
 
@@ -77,7 +76,7 @@ class _Inline:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--image_dir', default='data/train2014/', help='folder of images to resize')
     parser.add_argument('--output_dir', default='data/resized2014/', help='folder for the resized images')
     parser.add_argument('--image_size', type=integer(1, 8192), default=256, help='side of the square output')

@@ -5,29 +5,32 @@ One image: stdout carries its caption alone. Several (files, folders or globs): 
 published model if its files are at their classic paths, else the model shipped in
 models/flickr8k/. Nothing is downloaded, and files are loaded safely (weights and words only).
 """
-import argparse
 import json
 import os
 import sys
 
 from captioner import Captioner, add_model_args
-from errors import InputError
+from errors import InputError, script_parser
 from figures import save_attention, save_captioned, save_contact_sheet
 from images import ImageError, find_images, open_image
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument('--image', nargs='+', required=True, help='image files, folders or globs to caption')
     add_model_args(parser)
     parser.add_argument('--save', metavar='FILE.png', help='one image: also write it with its caption')
     parser.add_argument('--output', metavar='results.json', help='write [{"file_name", "caption"}] here')
     parser.add_argument('--sheet', metavar='FILE.png', help='draw a contact sheet of the images and captions')
-    parser.add_argument('--attention', metavar='FIG.png', help='attention decoder: draw where the model looked for '
-                        'each word (several images: a folder, one figure per image)')
+    parser.add_argument('--attention', metavar='FIG.png|DIR', help='attention decoder: draw where the model looked '
+                        'for each word into FIG.png; with several images give a folder (DIR), which gets one '
+                        'figure per image')
     args = parser.parse_args(argv)
     try:
         paths = find_images(args.image)
+        if args.attention and len(paths) > 1 and os.path.splitext(args.attention)[1].lower() in ('.png', '.jpg', '.pdf'):
+            raise InputError(f'--attention {args.attention}: {len(paths)} images need a folder, which gets one figure '
+                             f'each (e.g. --attention figures/)')
         image = open_image(paths[0]) if len(paths) == 1 else None  # a bad single image fails before loading
         captioner = Captioner.from_args(args)
     except InputError as e:

@@ -40,7 +40,7 @@ from captioner import Captioner, caption_guard, pick_device
 from checkpoints import load_weights, model_files, read_model, vocab_digest, write_model
 from data_loader import (CocoDataset, FeatureDataset, GroupedDataset, ImageSet, collate_fn, collate_grouped,
                          eval_transform, read_feature_index, train_transform, training_loader)
-from errors import InputError, integer, number
+from errors import InputError, integer, number, script_parser
 from metrics import CiderD, has_hole, score
 from model import CNN_CHOICES, LITE_SIZES, Decoding, ModelConfig, beam_search, build_networks, sample
 
@@ -77,15 +77,17 @@ def add_model_flags(parser):
 
 def add_training_flags(parser):
     """The optimisation, the device and resuming."""
-    parser.add_argument('--num_epochs', type=integer(1), default=5)
+    parser.add_argument('--num_epochs', type=integer(1), default=5, help='epochs to train (all of them, counting '
+                        'those of a run resumed)')
     parser.add_argument('--epoch_steps', type=integer(0), default=0, help='end each epoch after this many batches, a '
                         'random part of the data (0 = all of it)')
     parser.add_argument('--batch_size', type=integer(1), default=128, help='captions per batch (per process)')
     parser.add_argument('--num_workers', type=integer(0), default=2, help='data loading processes')
-    parser.add_argument('--learning_rate', type=number(above=0, high=10), default=0.001)
+    parser.add_argument('--learning_rate', type=number(above=0, high=10), default=0.001, help="Adam's learning rate")
     parser.add_argument('--lr_decay_every', type=integer(0), default=0, help='multiply the learning rate by --lr_decay '
                         'every this many epochs (0 = constant, as the classic recipe)')
-    parser.add_argument('--lr_decay', type=number(above=0, high=1), default=0.5)
+    parser.add_argument('--lr_decay', type=number(above=0, high=1), default=0.5,
+                        help='the factor --lr_decay_every applies')
     parser.add_argument('--grad_clip', type=number(0), default=0, help='clip the gradient norm (0 = off)')
     parser.add_argument('--label_smoothing', type=number(0, 0.99), default=0.0, help='cross-entropy against targets '
                         'that spread this much probability evenly over the vocabulary (0 = off, as the classic recipe)')
@@ -111,7 +113,8 @@ def add_data_flags(parser):
     val.add_argument('--val_caption_path', help='COCO-format validation captions (none: no validation)')
     val.add_argument('--val_image_dir', default='data/val2014', help='validation images')
     val.add_argument('--val_features', help='validation feature cache (default: --features)')
-    val.add_argument('--val_images', type=integer(1), default=500, help='images captioned for BLEU-4 and CIDEr')
+    val.add_argument('--val_images', type=integer(1), default=500,
+                     help='how many validation images (the first ones) are captioned for BLEU-4 and CIDEr')
 
 
 def add_scst_flags(parser):
@@ -126,7 +129,7 @@ def add_scst_flags(parser):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     for add_flags in (add_io_flags, add_model_flags, add_training_flags, add_data_flags, add_scst_flags):
         add_flags(parser)
     args = parser.parse_args(argv)

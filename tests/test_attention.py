@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 from captioner import Captioner
 from conftest import ROOT, TEST_DATA, run_script
 from figures import attention_figure
@@ -70,3 +71,11 @@ def test_sample_writes_figures_and_refuses_a_model_without_attention(tmp_path, t
     assert result.returncode == 2 and result.stdout == '' and not (tmp_path / 'no.png').exists()
     assert result.stderr.strip().splitlines() == [
         "error: --attention: this model has no attention (its decoder is 'lstm'; train with --decoder attention)"]
+
+
+def test_attention_for_several_photos_asks_for_a_folder(tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        sample.main(['--image', *PHOTOS[1:3], '--attention', str(tmp_path / 'fig.png')])
+    assert str(refused.value) == (f'error: --attention {tmp_path / "fig.png"}: 2 images need a folder, which gets one '
+                                  'figure each (e.g. --attention figures/)')
+    assert not (tmp_path / 'fig.png').exists()
