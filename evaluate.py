@@ -20,9 +20,9 @@ import sys
 from captioner import Captioner, add_model_args
 from captions import bounded_captions, read_captions, read_json, references_by_image
 from data_loader import FeatureDataset, read_feature_index
-from errors import InputError, script_parser
+from errors import InputError, integer, script_parser
 from images import ImageError
-from metrics import score
+from metrics import bootstrap_intervals, score
 
 
 def read_results(path, images):
@@ -81,6 +81,9 @@ def main(argv=None):
     parser.add_argument('--results', help='score this existing results file instead of captioning')
     parser.add_argument('--output', default='results.json', help='where to write the predictions (COCO results)')
     parser.add_argument('--scores', default='scores.json', help='where to write the scores (JSON)')
+    parser.add_argument('--bootstrap', type=integer(0, 100_000), default=0,
+                        help='also give 95%% intervals of BLEU-4, METEOR and CIDEr from this many resamples of the '
+                             'images (0 = none; 1000 is usual)')
     add_model_args(parser)
     args = parser.parse_args(argv)
     try:
@@ -102,11 +105,14 @@ def main(argv=None):
         sys.exit(f'error: no prediction has references in {args.caption_path}')
     print(f'scoring {count} images that have both a prediction and references', file=sys.stderr)
     scores = score(references, predictions)
+    intervals = bootstrap_intervals(references, predictions, args.bootstrap) if args.bootstrap else {}
     with open(args.scores, 'w') as f:
-        json.dump(scores, f, indent=1)
-    print(f'{"metric":<8} {"score":>7}   ({count} images)')
+        json.dump({**scores, **{f'{name}_95': list(bounds) for name, bounds in intervals.items()}}, f, indent=1)
+    print(f'{"metric":<8} {"score":>7}   ({count} images' + (f'; 95% interval, {args.bootstrap} bootstrap resamples '
+                                                           'of the images)' if intervals else ')'))
     for name, value in scores.items():
-        print(f'{name:<8} {value:7.4f}')
+        bounds = f'   [{intervals[name][0]:.4f}, {intervals[name][1]:.4f}]' if name in intervals else ''
+        print(f'{name:<8} {value:7.4f}{bounds}')
 
 
 if __name__ == '__main__':

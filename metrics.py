@@ -71,6 +71,39 @@ def score(references, predictions, metrics=METRICS):
     return {k: float(scores[k]) for k in METRICS if k in scores}
 
 
+def bootstrap_intervals(references, predictions, samples=1000, seed=0):
+    """95% intervals over images (the 2.5th and 97.5th percentiles over `samples` resamples of the
+    scored images, drawn with replacement) of BLEU-4 and CIDEr, each recomputed on every resample
+    by pycocoevalcap's scorers, and of METEOR (with Java) as the mean of its per-image scores.
+    Returns {metric: (low, high)}."""
+    import random
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    ids = [i for i in predictions if i in references]
+    with contextlib.redirect_stdout(sys.stderr):
+        gts = tokenize_for_scoring({i: references[i] for i in ids})
+        res = tokenize_for_scoring({i: [predictions[i]] for i in ids})
+        per_image_meteor = None
+        if shutil.which('java'):
+            from pycocoevalcap.meteor.meteor import Meteor
+            per_image_meteor = dict(zip(ids, Meteor().compute_score({i: gts[i] for i in ids},
+                                                                    {i: res[i] for i in ids})[1]))
+        draws = {'Bleu_4': [], 'CIDEr': [], 'METEOR': []}
+        rng = random.Random(seed)
+        for _ in range(samples):
+            chosen = [rng.choice(ids) for _ in ids]
+            gts_r, res_r = {k: gts[i] for k, i in enumerate(chosen)}, {k: res[i] for k, i in enumerate(chosen)}
+            draws['Bleu_4'].append(Bleu(4).compute_score(gts_r, res_r, verbose=0)[0][3])
+            draws['CIDEr'].append(Cider().compute_score(gts_r, res_r)[0])
+            if per_image_meteor:
+                draws['METEOR'].append(sum(float(per_image_meteor[i]) for i in chosen) / len(chosen))
+
+    def percentile(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))]
+    return {name: (percentile(values, 0.025), percentile(values, 0.975)) for name, values in draws.items() if values}
+
+
 class CiderD:
     """CIDEr-D (Vedantam et al., 2015): the self-critical reward, and greedy validation's CIDEr-D.
 

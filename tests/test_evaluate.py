@@ -192,3 +192,23 @@ def test_karpathy_split_round_trips_into_training_and_evaluation(tmp_path, coco_
                    '--vocab_path', coco_sample['vocab'], '--output', str(tmp_path / 'r.json'),
                    '--scores', str(tmp_path / 's.json'), '--num_workers', '0'])
     assert len(json.load(open(tmp_path / 'r.json'))) == 2 and 'CIDEr' in json.load(open(tmp_path / 's.json'))
+
+
+@needs_java
+def test_bootstrap_gives_reproducible_95_percent_intervals(tmp_path, capsys):
+    caption_path = os.path.join(TEST_DATA, 'captions.json')
+    annotations = json.load(open(caption_path))['annotations']
+    results = list({a['image_id']: {'image_id': a['image_id'], 'caption': a['caption']} for a in annotations}.values())
+    for r in results[::2]:
+        r['caption'] = 'a dog runs on the grass'  # half right (their own first reference), half wrong
+    json.dump(results, open(tmp_path / 'results.json', 'w'))
+    found = []
+    for _ in range(2):
+        evaluate.main(['--caption_path', caption_path, '--results', str(tmp_path / 'results.json'), '--bootstrap',
+                       '100', '--scores', str(tmp_path / 'scores.json')])
+        found.append(json.load(open(tmp_path / 'scores.json')))
+    assert found[0] == found[1]
+    for name in ('Bleu_4', 'METEOR', 'CIDEr'):
+        low, high = found[0][f'{name}_95']
+        assert low < found[0][name] < high, name
+    assert '95% interval, 100 bootstrap resamples of the images' in capsys.readouterr().out
