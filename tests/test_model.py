@@ -506,3 +506,23 @@ def test_extract_features_defaults_to_the_backbones_own_size(tmp_path):
                            '--device', 'cpu'])
     index = json.load(open(tmp_path / 'cache' / 'index.json'))
     assert index['image_size'] == 240 and index['mean'] == [127 / 255] * 3 and index['std'] == [128 / 255] * 3
+
+
+@pytest.mark.parametrize('deep', [False, True])
+def test_an_attention_step_is_show_attend_and_tells(deep):
+    """One step written out from the paper: initial state from the mean location, MLP scores of each
+    location against the hidden state, softmax weights, the gated weighted mean fed beside the word;
+    the deep output adds a projection of that context to the new hidden state."""
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(4, 6, 10, deep_output=deep).eval()
+    features, words = torch.randn(2, 5, 4), torch.tensor([3, 7])
+    with torch.no_grad():
+        h, c = torch.tanh(decoder.init_state(features.mean(1))).chunk(2, 1)
+        scores = decoder.attend_score(torch.tanh(decoder.attend_image(features) + decoder.attend_hidden(h)[:, None]))
+        weights = scores.squeeze(2).softmax(1)
+        context = torch.sigmoid(decoder.gate(h)) * (weights[:, :, None] * features).sum(1)
+        h1, c1 = decoder.lstm(torch.cat((decoder.embed(words), context), 1), (h, c))
+        expected = h1 + decoder.context_out(context) if deep else h1
+        out, state = decoder.advance(decoder.embed(words), decoder.initial_state(features))
+    assert torch.allclose(out, expected, atol=1e-6) and torch.allclose(state[1], c1, atol=1e-6)
+    assert torch.allclose(decoder.attention(state), weights, atol=1e-6)
