@@ -73,9 +73,9 @@ def score(references, predictions, metrics=METRICS):
 
 def bootstrap_intervals(references, predictions, samples=1000, seed=0):
     """95% intervals over images (the 2.5th and 97.5th percentiles over `samples` resamples of the
-    scored images, drawn with replacement) of BLEU-4 and CIDEr, each recomputed on every resample
-    by pycocoevalcap's scorers, and of METEOR (with Java) as the mean of its per-image scores.
-    Returns {metric: (low, high)}."""
+    scored images, drawn with replacement): of BLEU-4 recomputed on every resample by pycocoevalcap's
+    scorer; of CIDEr and METEOR (with Java) as the mean of their per-image scores on the resample
+    (CIDEr's document frequencies those of all the images). Returns {metric: (low, high)}."""
     import random
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -83,20 +83,18 @@ def bootstrap_intervals(references, predictions, samples=1000, seed=0):
     with contextlib.redirect_stdout(sys.stderr):
         gts = tokenize_for_scoring({i: references[i] for i in ids})
         res = tokenize_for_scoring({i: [predictions[i]] for i in ids})
-        per_image_meteor = None
+        per_image = {'CIDEr': dict(zip(ids, Cider().compute_score(gts, res)[1]))}
         if shutil.which('java'):
             from pycocoevalcap.meteor.meteor import Meteor
-            per_image_meteor = dict(zip(ids, Meteor().compute_score({i: gts[i] for i in ids},
-                                                                    {i: res[i] for i in ids})[1]))
+            per_image['METEOR'] = dict(zip(ids, Meteor().compute_score(gts, res)[1]))
         draws = {'Bleu_4': [], 'CIDEr': [], 'METEOR': []}
         rng = random.Random(seed)
         for _ in range(samples):
             chosen = [rng.choice(ids) for _ in ids]
             gts_r, res_r = {k: gts[i] for k, i in enumerate(chosen)}, {k: res[i] for k, i in enumerate(chosen)}
             draws['Bleu_4'].append(Bleu(4).compute_score(gts_r, res_r, verbose=0)[0][3])
-            draws['CIDEr'].append(Cider().compute_score(gts_r, res_r)[0])
-            if per_image_meteor:
-                draws['METEOR'].append(sum(float(per_image_meteor[i]) for i in chosen) / len(chosen))
+            for name, scores in per_image.items():
+                draws[name].append(sum(float(scores[i]) for i in chosen) / len(chosen))
 
     def percentile(values, q):
         values = sorted(values)
