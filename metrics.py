@@ -73,9 +73,10 @@ def score(references, predictions, metrics=METRICS):
 
 def bootstrap_intervals(references, predictions, samples=1000, seed=0):
     """95% intervals over images (the 2.5th and 97.5th percentiles over `samples` resamples of the
-    scored images, drawn with replacement): of BLEU-4 recomputed on every resample by pycocoevalcap's
-    scorer; of CIDEr and METEOR (with Java) as the mean of their per-image scores on the resample
-    (CIDEr's document frequencies those of all the images). Returns {metric: (low, high)}."""
+    scored images, drawn with replacement): BLEU-4 and METEOR (with Java) recomputed on every
+    resample by pycocoevalcap's scorers (METEOR's jar aggregates each caption's statistics, computed
+    once); CIDEr as the mean of its per-image scores on the resample (its document frequencies those
+    of all the images). Returns {metric: (low, high)}."""
     import random
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -83,23 +84,40 @@ def bootstrap_intervals(references, predictions, samples=1000, seed=0):
     with contextlib.redirect_stdout(sys.stderr):
         gts = tokenize_for_scoring({i: references[i] for i in ids})
         res = tokenize_for_scoring({i: [predictions[i]] for i in ids})
-        per_image = {'CIDEr': dict(zip(ids, Cider().compute_score(gts, res)[1]))}
-        if shutil.which('java'):
-            from pycocoevalcap.meteor.meteor import Meteor
-            per_image['METEOR'] = dict(zip(ids, Meteor().compute_score(gts, res)[1]))
+        cider = dict(zip(ids, Cider().compute_score(gts, res)[1]))
+        meteor = _MeteorResampler(gts, res) if shutil.which('java') else None
         draws = {'Bleu_4': [], 'CIDEr': [], 'METEOR': []}
         rng = random.Random(seed)
         for _ in range(samples):
             chosen = [rng.choice(ids) for _ in ids]
             gts_r, res_r = {k: gts[i] for k, i in enumerate(chosen)}, {k: res[i] for k, i in enumerate(chosen)}
             draws['Bleu_4'].append(Bleu(4).compute_score(gts_r, res_r, verbose=0)[0][3])
-            for name, scores in per_image.items():
-                draws[name].append(sum(float(scores[i]) for i in chosen) / len(chosen))
+            draws['CIDEr'].append(sum(float(cider[i]) for i in chosen) / len(chosen))
+            if meteor:
+                draws['METEOR'].append(meteor.score(chosen))
 
     def percentile(values, q):
         values = sorted(values)
         return values[min(len(values) - 1, int(q * len(values)))]
     return {name: (percentile(values, 0.025), percentile(values, 0.975)) for name, values in draws.items() if values}
+
+
+class _MeteorResampler:
+    """METEOR of any multiset of the captions: each caption's statistics are computed once by the
+    METEOR jar (pycocoevalcap 1.2's Meteor._stat), then aggregated by the jar for each resample."""
+
+    def __init__(self, gts, res):
+        from pycocoevalcap.meteor.meteor import Meteor
+        self.meteor = Meteor()
+        self.stats = {i: self.meteor._stat(res[i][0], gts[i]) for i in res}
+
+    def score(self, ids):
+        process = self.meteor.meteor_p
+        process.stdin.write(('EVAL ||| ' + ' ||| '.join(self.stats[i] for i in ids) + '\n').encode())
+        process.stdin.flush()
+        for _ in ids:  # each caption's score, then the aggregate
+            process.stdout.readline()
+        return float(process.stdout.readline().strip())
 
 
 class CiderD:
