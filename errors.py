@@ -29,26 +29,28 @@ def checked(name, value, low=None, high=None, integer=False, above=None):
     return value
 
 
-def integer(low=None, high=None):
-    """An argparse type: an integer in [low, high]."""
+def _flag_type(convert, kind, **limits):
+    """An argparse type: `convert` the text, then check it against `limits` (see checked)."""
     def parse(text):
         try:
-            return checked('it', int(text), low, high, integer=True)
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'it must be {kind}, not {text!r}') from None
+        try:
+            return checked('it', value, **limits)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e) if 'must be' in str(e) else
-                                             f'it must be an integer, not {text!r}') from None
+            raise argparse.ArgumentTypeError(str(e)) from None
     return parse
+
+
+def integer(low=None, high=None):
+    """An argparse type: an integer in [low, high]."""
+    return _flag_type(int, 'an integer', low=low, high=high, integer=True)
 
 
 def number(low=None, high=None, above=None):
     """An argparse type: a finite number in [low, high] (or above `above`)."""
-    def parse(text):
-        try:
-            return checked('it', float(text), low, high, above=above)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e) if 'must be' in str(e) else
-                                             f'it must be a number, not {text!r}') from None
-    return parse
+    return _flag_type(float, 'a number', low=low, high=high, above=above)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
