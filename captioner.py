@@ -201,7 +201,8 @@ def add_model_args(parser):
     model.add_argument('--vocab_path', help='vocabulary from build_vocab.py')
     sizes = parser.add_argument_group('model sizes, used only for plain state_dicts (the classic files); '
                                       'train.py checkpoints record their own')
-    sizes.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='the backbone')
+    sizes.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, metavar='CNN',
+                       help='the pretrained backbone: ' + ', '.join(CNN_CHOICES))
     sizes.add_argument('--embed_size', type=integer(1, 8192), default=ModelConfig.embed_size,
                        help='word and image embedding size')
     sizes.add_argument('--hidden_size', type=integer(1, 8192), default=ModelConfig.hidden_size, help='LSTM state size')

@@ -148,7 +148,8 @@ def main(argv=None):
     parser.add_argument('--caption_path', nargs='+', default=['data/annotations/captions_train2014.json'],
                         help='caption files whose images to cache (several share one cache)')
     parser.add_argument('--output_dir', default='data/features', help='folder for the cache')
-    parser.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='backbone')
+    parser.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, metavar='CNN',
+                        help='the pretrained backbone: ' + ', '.join(CNN_CHOICES))
     parser.add_argument('--image_size', type=integer(16, 1024),
                         help="images are squared to this size (default: the backbone's "
                         'input size, 224 for ResNets)')

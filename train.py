@@ -61,7 +61,8 @@ def add_io_flags(parser):
 def add_model_flags(parser):
     """The architecture (ModelConfig's fields)."""
     model = parser.add_argument_group('model')
-    model.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, help='pretrained backbone')
+    model.add_argument('--cnn', default=ModelConfig.cnn, choices=CNN_CHOICES, metavar='CNN',
+                       help='the pretrained backbone: ' + ', '.join(CNN_CHOICES))
     model.add_argument('--decoder', default=ModelConfig.decoder, choices=('lstm', 'attention'),
                        help="lstm: the classic Show-and-Tell decoder; attention: Show, Attend and Tell's soft "
                             "attention over the backbone's feature map (from images, or a --spatial cache)")
