@@ -154,3 +154,16 @@ def test_grad_clip_clips_every_step_at_its_value(tmp_path, monkeypatch):
     assert train.main(train_args(folder, tmp_path / 'm', '--num_epochs', '2', '--grad_clip', '0.05')) == 0
     assert [s[0] for s in seen] == [0.05] * 4  # 2 epochs of 2 steps
     assert all(before > 0.05 and after == pytest.approx(0.05, rel=1e-4) for _, before, after in seen), seen
+
+
+def test_the_learning_rate_decays_every_n_epochs(tmp_path):
+    """--lr_decay_every 2 --lr_decay 0.5 from 0.01: epochs 1-2 at 0.01, 3-4 at 0.005, 5 at 0.0025."""
+    folder = make_scenes(tmp_path)
+    trainer = train.Trainer(train.parse_args(train_args(folder, tmp_path / 'm', '--learning_rate', '0.01',
+                                                        '--lr_decay_every', '2', '--lr_decay', '0.5')))
+    rates = []
+    for epoch in range(1, 6):
+        trainer.state.epoch = epoch
+        trainer.set_learning_rate()
+        rates.append(trainer.optimizer.param_groups[0]['lr'])
+    assert rates == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025])
