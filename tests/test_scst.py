@@ -271,14 +271,17 @@ def test_self_critical_training_raises_cider_d_more_than_cross_entropy(tmp_path)
 
 @pytest.mark.parametrize('baseline', ['mean', 'greedy'])
 def test_the_advantage_is_reward_minus_baseline(tmp_path, baseline):
-    """When every sample of an image (and its greedy caption) earns the same reward, nothing is
-    better than the baseline: the loss and every gradient are zero."""
+    """When every sample of an image (and its greedy caption) earns the same reward, its own image's
+    (rewards differ between the images of a batch), nothing is better than the baseline: the loss
+    and every gradient are zero."""
     folder = make_scenes(tmp_path)
     trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'm', '--baseline', baseline,
                                                        '--dropout', '0.3')))
-    trainer.rewards = lambda image_ids, ids, count=True: torch.full((len(ids),), 0.7)
+    trainer.rewards = lambda image_ids, ids, count=True: torch.tensor([0.5 * i for i in image_ids])
     trainer.model.train()
-    loss = trainer.scst_loss(*next(iter(trainer.loader)))
+    batch = next(iter(trainer.loader))
+    assert len(set(batch[0])) == 2  # two photos of a batch, with different rewards
+    loss = trainer.scst_loss(*batch)
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in trainer.params)
