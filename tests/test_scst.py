@@ -304,3 +304,26 @@ def test_end_counts_in_the_reward_as_a_word(tmp_path):
     assert rewards[0].item() == pytest.approx(expected.score(1, words + ['<end>']))
     assert rewards[1].item() == pytest.approx(expected.score(1, words + ['on', 'a']))
     assert rewards[1] < rewards[0] and rewards[0].item() > 5
+
+
+def test_self_critical_samples_are_drawn_under_the_decoding_rules(tmp_path, monkeypatch):
+    """The captions self-critical training samples obey the rules captions are decoded with: no
+    <unk>, no hole, no 3-word phrase twice (the guard of the default Decoding)."""
+    folder = make_scenes(tmp_path)
+    trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'm')))
+    drawn = []
+    real_sample = train.sample
+
+    def spy(decoder, features, end_id, max_length, guard):
+        drawn.append(guard)
+        return real_sample(decoder, features, end_id, max_length, guard)
+    monkeypatch.setattr(train, 'sample', spy)
+    trainer.scst_loss(*next(iter(trainer.loader)))
+    expected = caption_guard(trainer.vocab, Decoding())
+    vocab, guard = trainer.vocab, drawn[0]
+    history = torch.tensor([[vocab('<start>'), vocab('a'), vocab('red'), vocab('square'), vocab('a'), vocab('red')]])
+    for words in (None, history, history[:, :2]):
+        got, want = (g(torch.zeros(1, len(vocab)), words).isinf() for g in (guard, expected))
+        assert torch.equal(got, want)
+    assert got[0, vocab('<unk>')] and got[0, vocab('.')]  # after "a": no full stop; never <unk>
+    assert guard(torch.zeros(1, len(vocab)), history)[0, vocab('square')].isinf()  # "a red square" twice
