@@ -6,12 +6,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import extract_features
 import train
 from build_vocab import load_vocab
 from captioner import Captioner
-from data_loader import CocoDataset, GroupedDataset, collate_grouped, eval_transform
+from data_loader import CocoDataset, FeatureDataset, GroupedDataset, collate_grouped, eval_transform
 from images import open_image
 from model import AttentionDecoder, Decoding, EncoderCNN
 from odd_images import write_broken_images
@@ -193,3 +194,24 @@ def test_torchrun_two_gloo_processes(tmp_path):
         'decoder-1-2.ckpt', 'decoder-2-2.ckpt', 'encoder-1-2.ckpt', 'encoder-2-2.ckpt']
     log = [json.loads(line) for line in open(models / 'train_log.jsonl')]
     assert [(r['epoch'], r['step']) for r in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def test_training_from_a_cache_uses_the_mirrored_features_half_of_the_time(tmp_path):
+    """With --flip in the cache, FeatureDataset(flip=True) returns the mirrored image's features for
+    about half the draws (the feature-space random mirror), the plain ones otherwise; flip=False never."""
+    folder = make_scenes(tmp_path, size=40)
+    extract_features.main(['--image_dir', str(folder / 'images'), '--caption_path', str(folder / 'captions.json'),
+                           '--output_dir', str(tmp_path / 'cache'), '--cnn', 'efficientnet-lite0', '--image_size', '32',
+                           '--flip', '--num_workers', '0', '--device', 'cpu'])
+    plain = np.load(tmp_path / 'cache' / 'features.npy').astype(np.float32)
+    mirrored = np.load(tmp_path / 'cache' / 'features_flip.npy').astype(np.float32)
+    vocab = load_vocab(str(folder / 'vocab.pkl'))
+    for flip, expected in ((True, (80, 120)), (False, (0, 0))):
+        dataset = FeatureDataset(str(tmp_path / 'cache'), str(folder / 'captions.json'), vocab, flip=flip)
+        row = dataset.samples[0][0]
+        assert not np.array_equal(plain[row], mirrored[row])
+        torch.manual_seed(0)
+        draws = [dataset.load_input(row).numpy() for _ in range(200)]
+        assert all(np.array_equal(d, plain[row]) or np.array_equal(d, mirrored[row]) for d in draws)
+        flipped = sum(np.array_equal(d, mirrored[row]) for d in draws)
+        assert expected[0] <= flipped <= expected[1], (flip, flipped)
