@@ -35,3 +35,26 @@ def test_readme_recipe_on_real_coco_photos(tmp_path):
     assert result.returncode == 0, result.stderr
     files = [str(models / 'encoder-2-3.ckpt'), str(models / 'decoder-2-3.ckpt'), str(data / 'vocab.pkl')]
     assert result.stdout == Captioner.load(*files, device='cpu').caption(photo) + '\n'
+
+
+def test_the_scripts_defaults_are_the_classic_recipes(monkeypatch, tmp_path):
+    """Flags left out give the classic tutorial's recipe: 256 px squares, words seen 4 times, ResNet-152
+    + LSTM (embedding 256, hidden 512), batches of 128 captions, Adam at 0.001, 5 epochs, crops of 224."""
+    import build_vocab
+    import resize
+    import train
+    args = train.parse_args([])
+    assert (args.cnn, args.decoder, args.embed_size, args.hidden_size, args.num_layers, args.batch_size,
+            args.learning_rate, args.num_epochs, args.crop_size, args.dropout, args.label_smoothing, args.grad_clip) == \
+        ('resnet152', 'lstm', 256, 512, 1, 128, 0.001, 5, 224, 0, 0.0, 0)
+    assert (args.image_dir, args.caption_path, args.vocab_path, args.model_path) == (
+        'data/resized2014', 'data/annotations/captions_train2014.json', 'data/vocab.pkl', 'models/')
+    calls = []
+    monkeypatch.setattr(resize, 'resize_images', lambda *a: calls.append(a) or (0, 0, 0))
+    monkeypatch.setattr(resize.os.path, 'isdir', lambda path: True)
+    resize.main([])
+    monkeypatch.setattr(build_vocab, 'build_vocab', lambda *a: calls.append(a) or build_vocab.Vocabulary())
+    monkeypatch.setattr(build_vocab, 'save_vocab', lambda vocab, path: calls.append(path))
+    build_vocab.main([])
+    assert calls == [('data/train2014/', 'data/resized2014/', 256, 0),
+                     ('data/annotations/captions_train2014.json', 4), 'data/vocab.pkl']
