@@ -108,9 +108,13 @@ def read_feature_index(folder, cnn=None, spatial=None):
         hint = ' (extraction did not finish: run extract_features.py again to complete it)' \
             if os.path.exists(path + '.partial') else ''
         raise InputError(f'{folder}: no complete feature cache{hint}')
-    with open(path) as f:
-        index = json.load(f)
-    if index.get('format') != CACHE_FORMAT:
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f'{path}: damaged (not valid JSON); delete the cache folder and run extract_features.py '
+                         f'again') from None
+    if not isinstance(index, dict) or index.get('format') != CACHE_FORMAT:
         raise InputError(f'{path}: written by an earlier version of this repo; its format is no longer read')
     if cnn is not None and index['cnn'] != cnn:
         raise InputError(f'{folder}: cached with --cnn {index["cnn"]}, not {cnn}')
@@ -131,9 +135,21 @@ class FeatureDataset(CaptionDataset):
     def __init__(self, folder, caption_path, vocab, flip=False, cnn=None, spatial=None):
         self.index = read_feature_index(folder, cnn, spatial)
         super().__init__(caption_path, vocab, folder)
-        self.features = np.load(os.path.join(folder, 'features.npy'), mmap_mode='r')
+        self.features = self.open_rows(os.path.join(folder, 'features.npy'))
         flipped = os.path.join(folder, 'features_flip.npy')
-        self.flipped = np.load(flipped, mmap_mode='r') if flip and os.path.exists(flipped) else None
+        self.flipped = self.open_rows(flipped) if flip and os.path.exists(flipped) else None
+
+    def open_rows(self, path):
+        """The cached array, memory-mapped, with one row per file of the index; InputError if it is not."""
+        try:
+            rows = np.load(path, mmap_mode='r')
+        except (OSError, ValueError) as e:
+            raise InputError(f'{path}: missing or damaged ({e}); delete the cache folder and run '
+                             f'extract_features.py again') from None
+        if rows.shape[0] != len(self.index['files']):
+            raise InputError(f'{path}: {rows.shape[0]} rows for {len(self.index["files"])} files; delete the cache '
+                             f'folder and run extract_features.py again')
+        return rows
 
     def available(self, images):
         rows = {name: row for row, name in enumerate(self.index['files']) if name not in self.index['broken']}

@@ -361,3 +361,23 @@ def test_amp_falls_back_to_float32_where_onednn_has_no_bfloat16(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'warning: --amp: this CPU does not compute bfloat16 natively for every layer used (the LSTM included); ' \
            'training in float32' in result.stderr
+
+
+def test_a_damaged_cache_is_refused_in_one_line(tmp_path):
+    """A truncated features.npy or index.json gives one line that names the file and says what to do."""
+    folder = make_scenes(tmp_path, size=40)
+    cache = tmp_path / 'cache'
+    extract_features.main(['--image_dir', str(folder / 'images'), '--caption_path', str(folder / 'captions.json'),
+                           '--output_dir', str(cache), '--cnn', 'efficientnet-lite0', '--image_size', '32',
+                           '--num_workers', '0', '--device', 'cpu'])
+    vocab = load_vocab(str(folder / 'vocab.pkl'))
+    data = (cache / 'features.npy').read_bytes()
+    (cache / 'features.npy').write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match=r'features.npy: missing or damaged .*; delete the cache folder and run '
+                                         r'extract_features.py again'):
+        FeatureDataset(str(cache), str(folder / 'captions.json'), vocab)
+    (cache / 'index.json').write_text((cache / 'index.json').read_text()[:40])
+    with pytest.raises(SystemExit) as refused:
+        train.main(train_args(folder, tmp_path / 'm', '--features', str(cache)))
+    assert str(refused.value) == (f'error: {cache / "index.json"}: damaged (not valid JSON); delete the cache folder '
+                                  'and run extract_features.py again')
