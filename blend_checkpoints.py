@@ -28,27 +28,26 @@ def main(argv=None):
     args = parser.parse_args(argv)
     paths = args.first + [args.second]
     try:
-        models = [read_model(*model_files(path), None) for path in paths]
-        for path, model in zip(paths, models):
-            if model[0] is None:
-                raise InputError(f'{path}: a plain state_dict, not a train.py checkpoint')
+        models = [read_model(*model_files(path)) for path in paths]
+        reference = models[0]
         for path, model in zip(paths[1:], models[1:]):
-            if model[0] != models[0][0]:
-                raise InputError(f'{path}: a different model from {paths[0]} ({model[0]} against {models[0][0]})')
-            digests = model[4].get('vocab_sha'), models[0][4].get('vocab_sha')
+            if model.config != reference.config:
+                raise InputError(f'{path}: a different model from {paths[0]} ({model.config} against {reference.config})')
+            digests = model.decoder_file.get('vocab_sha'), reference.decoder_file.get('vocab_sha')
             if None not in digests and digests[0] != digests[1]:
                 raise InputError(f'{path}: trained with another vocabulary than {paths[0]}')
-            for part, name in ((2, 'encoder'), (3, 'decoder')):
-                if model[part].keys() != models[0][part].keys():
-                    raise InputError(f'{path}: its {name} holds other tensors than that of {paths[0]}')
+            for part in ('encoder_state', 'decoder_state'):
+                if getattr(model, part).keys() != getattr(reference, part).keys():
+                    raise InputError(f'{path}: its {part[:7]} holds other tensors than that of {paths[0]}')
         outputs = model_files(args.output)
         if set(outputs) & {file for path in paths for file in model_files(path)}:
             raise InputError(f'{args.output}: would overwrite one of the models blended')
         firsts, second = models[:-1], models[-1]
-        encoder, decoder = (blend_states(average_states([model[part] for model in firsts]), second[part], args.weight)
-                            for part in (2, 3))
-        write_model(*outputs, *second[:2], encoder, decoder,
-                    vocab_sha=next((m[4]['vocab_sha'] for m in models[::-1] if 'vocab_sha' in m[4]), None))
+        encoder, decoder = (blend_states(average_states([getattr(m, part) for m in firsts]), getattr(second, part),
+                                         args.weight) for part in ('encoder_state', 'decoder_state'))
+        write_model(*outputs, second.config, second.decoding, encoder, decoder,
+                    vocab_sha=next((m.decoder_file['vocab_sha'] for m in models[::-1] if 'vocab_sha' in m.decoder_file),
+                                   None))
     except InputError as e:
         sys.exit(f'error: {e}')
     first = args.first[0] if len(args.first) == 1 else f'the mean of {" and ".join(args.first)}'

@@ -7,17 +7,17 @@ sample.py, evaluate.py, train.py's validation, demo.py and bench/ all caption th
 """
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from build_vocab import load_vocab
 from checkpoints import check_vocab, load_weights, read_model
-from data_loader import FeatureDataset, ImageFiles, ImageSet, eval_transform
+from decoding import Decoding, beam_search, caption_guard
+from devices import add_device_flag, pick_device, use_bf16
 from errors import integer, number
-from images import open_image
-from metrics import ARTICLES, BAD_ENDINGS, NOT_AFTER_ARTICLE
-from model import CNN_CHOICES, CaptionGuard, Decoding, ModelConfig, beam_search, build_networks
+from images import ImageFiles, eval_transform, open_image
+from model import CNN_CHOICES, ModelConfig, build_networks
+from vocabulary import load_vocab
 
 CLASSIC_FILES = ('models/encoder-5-3000.pkl', 'models/decoder-5-3000.pkl', 'data/vocab.pkl')
 SHIPPED_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'flickr8k', name)
@@ -29,33 +29,19 @@ def default_model_files():
     return CLASSIC_FILES if all(os.path.exists(p) for p in CLASSIC_FILES) else SHIPPED_FILES
 
 
-def caption_guard(vocab, decoding):
-    """The CaptionGuard of `decoding`'s rules in `vocab`'s word ids. Unless it allows <unk>, no
-    <unk>; unless it allows holes (metrics.has_hole), the caption starts with <start> and has no
-    <start> or <pad> after it, does not end (<end>, or the full stop) right after <start>, an
-    article or of/in/on/with/at/to/and, nor stops on one when cut off, and puts no article before
-    an article, a preposition, is/are or "and" (metrics.NOT_AFTER_ARTICLE); and no phrase of
-    decoding.no_repeat words comes twice."""
-    def ids(words):
-        return [vocab.word2idx[w] for w in words if w in vocab.word2idx]
-    holes = not decoding.allow_holes
-    endings = ids(['<end>', '.'])
-    after = [(ids(BAD_ENDINGS - ARTICLES) + ids(['<start>']), endings),
-             (ids(ARTICLES), endings + ids(NOT_AFTER_ARTICLE))] if holes else []
-    banned = ([] if decoding.allow_unk else ids(['<unk>'])) + (ids(['<start>', '<pad>']) if holes else [])
-    return CaptionGuard(len(vocab), banned, after, not_last=ids(BAD_ENDINGS) if holes else [],
-                        no_repeat=decoding.no_repeat, first=ids(['<start>']) if holes else [])
+@dataclass
+class AttendedCaption:
+    """A caption and where the model looked for each of its words."""
+    caption: str
+    weights: torch.Tensor  # (words, h, w) attention weights on the square feature map
 
 
-def pick_device(name='auto'):
-    """'auto' picks CUDA, then Apple MPS, then the CPU."""
-    if name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
+@dataclass
+class Description:
+    """One beam search for one image, as the demo shows it."""
+    beams: list  # every hypothesis, best first, as (caption, score), score = sum(log p) / length ** length_penalty
+    caption: str  # the best one
+    weights: torch.Tensor = None  # its attention weights (words, h, w); None without attention
 
 
 class Captioner:
@@ -79,22 +65,22 @@ class Captioner:
         encoder_path, decoder_path, vocab_path = (given or default for given, default in
                                                   zip((encoder_path, decoder_path, vocab_path), defaults))
         vocab = load_vocab(vocab_path)
-        config, recorded, enc_state, dec_state, decoder_file = read_model(encoder_path, decoder_path,
-                                                                          replace(classic, vocab_size=len(vocab)))
-        check_vocab(decoder_file, decoder_path, vocab, vocab_path)
+        saved = read_model(encoder_path, decoder_path, replace(classic, vocab_size=len(vocab)))
+        check_vocab(saved.decoder_file, decoder_path, vocab, vocab_path)
         # Only a package-provided backbone may be left out of the file; it then comes from its wheel.
-        from_package = config.cnn.startswith('efficientnet') and not any(k.startswith('backbone.') for k in enc_state)
+        config = saved.config
+        from_package = config.cnn.startswith('efficientnet') and \
+            not any(k.startswith('backbone.') for k in saved.encoder_state)
         encoder, decoder = build_networks(config, pretrained=from_package)
-        load_weights(encoder, enc_state, encoder_path, skip_prefix='backbone.' if from_package else None)
-        load_weights(decoder, dec_state, decoder_path)
+        load_weights(encoder, saved.encoder_state, encoder_path, skip_prefix='backbone.' if from_package else None)
+        load_weights(decoder, saved.decoder_state, decoder_path)
         device = pick_device(device)
         encoder.to(device, memory_format=torch.channels_last).eval()
         decoder.to(device).eval()
         if precision == 'bf16':
-            from bf16 import use_bf16
             use_bf16(encoder, device)
         overrides = {k: v for k, v in decoding.items() if v is not None}
-        return cls(vocab, encoder, decoder, config, replace(recorded, **overrides), device)
+        return cls(vocab, encoder, decoder, config, replace(saved.decoding, **overrides), device)
 
     @classmethod
     def from_args(cls, args):
@@ -106,72 +92,75 @@ class Captioner:
                         allow_unk=args.allow_unk or None, allow_holes=args.allow_holes or None,
                         no_repeat=args.no_repeat)
 
-    @torch.inference_mode()
-    def caption_batch(self, inputs, cached=False, decoding=None, with_attention=False):
-        """Captions of a batch of normalised images (B, 3, H, W), or of cached backbone features.
+    def features(self, inputs, cached=False):
+        """Image embeddings of a batch of normalised images (B, 3, H, W), or of cached backbone features."""
+        if cached:
+            return self.encoder.project(inputs.to(self.device))
+        return self.encoder(inputs.to(self.device, memory_format=torch.channels_last))
 
-        With `with_attention` (attention decoder), (caption, weights) pairs: the attention weights
-        of the steps that produced the caption's words, (words, h, w), for the caption printed.
-        """
+    def search(self, features, decoding=None, with_attention=False):
+        """decoding.beam_search with `decoding`'s settings (default: the model's) and guard."""
         decoding = decoding or self.decoding
-        inputs = inputs.to(self.device, memory_format=torch.channels_last) if not cached else inputs.to(self.device)
-        features = self.encoder.project(inputs) if cached else self.encoder(inputs)
-        found = self.search(features, decoding, with_attention=with_attention)
-        if not with_attention:
-            return [' '.join(self.vocab.words(row)) for row in found.cpu()]
-        ids, weights = found
-        return [self.with_weights(row, row_weights) for row, row_weights in zip(ids.tolist(), weights.cpu())]
+        return beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size, decoding.max_length,
+                           decoding.length_penalty, caption_guard(self.vocab, decoding), with_attention=with_attention)
 
-    def caption_dataset(self, dataset, limit=None, batch_size=64, num_workers=0):
-        """{image_id: caption} of the distinct images of a caption data set (the first `limit`),
-        from its cached features (a FeatureDataset) or its images."""
+    @torch.inference_mode()
+    def caption_batch(self, inputs, cached=False, decoding=None):
+        """The captions of a batch of normalised images (B, 3, H, W), or of cached backbone features."""
+        best = self.search(self.features(inputs, cached), decoding).best
+        return [' '.join(self.vocab.words(row)) for row in best.cpu()]
+
+    @torch.inference_mode()
+    def attend_batch(self, inputs, decoding=None):
+        """An AttendedCaption for each of a batch of normalised images (attention decoder)."""
+        beams = self.search(self.features(inputs), decoding, with_attention=True)
+        return [self.attended(row, weights) for row, weights in zip(beams.best.tolist(), beams.attention.cpu())]
+
+    def caption_images(self, batches, cached=False):
+        """{image_id: caption} of data_loader Batches (of images, or of cached features)."""
         from tqdm import tqdm
-        cached = isinstance(dataset, FeatureDataset)
-        loader = torch.utils.data.DataLoader(ImageSet(dataset, limit), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=ImageSet.collate)
         predictions = {}
-        for batch in tqdm(loader, desc='captioning', unit='batch', file=sys.stderr, leave=False):
+        for batch in tqdm(batches, desc='captioning', unit='batch', file=sys.stderr, leave=False):
             if batch is not None:
-                predictions.update(zip(batch[0], self.caption_batch(batch[1], cached=cached)))
+                predictions.update(zip(batch.image_ids, self.caption_batch(batch.inputs, cached)))
         return predictions
 
-    def with_weights(self, row, weights):
-        """(caption, weights (words, h, w)) of one hypothesis: the weights of the steps that
-        produced its words, on the square feature map."""
+    def attended(self, row, weights):
+        """The AttendedCaption of one hypothesis: the weights of the steps that produced its words,
+        on the square feature map."""
         end, side = self.vocab('<end>'), round(weights.size(1) ** 0.5)
         steps = [t for t, i in enumerate(row[:row.index(end)] if end in row else row)
                  if self.vocab.idx2word[i] not in ('<start>', '<pad>')]
-        return ' '.join(self.vocab.idx2word[row[t]] for t in steps), weights[steps].view(len(steps), side, side)
+        caption = ' '.join(self.vocab.idx2word[row[t]] for t in steps)
+        return AttendedCaption(caption, weights[steps].view(len(steps), side, side))
 
     @torch.inference_mode()
     def describe(self, image, decoding=None):
-        """One beam search for one PIL image (or its `transform`ed tensor): every hypothesis, best first,
-        as [(caption, score)] (score = sum(log p) / length ** length_penalty), then the best one's
-        caption and its attention weights (None without attention)."""
-        decoding = decoding or self.decoding
+        """The Description of one beam search for one PIL image (or its `transform`ed tensor)."""
         inputs = image if isinstance(image, torch.Tensor) else self.transform(image)
-        features = self.encoder(inputs[None].to(self.device, memory_format=torch.channels_last))
-        ids, scores, *weights = self.search(features, decoding, n_best=True, with_attention=self.has_attention)
-        beams = [(' '.join(self.vocab.words(row)), score) for row, score in zip(ids[0].tolist(), scores[0].tolist())]
-        if not weights:
-            return beams, beams[0][0], None
-        return (beams, *self.with_weights(ids[0, 0].tolist(), weights[0][0].cpu()))
-
-    def search(self, features, decoding, **options):
-        """model.beam_search with `decoding`'s settings and guard."""
-        return beam_search(self.decoder, features, self.vocab('<end>'), decoding.beam_size, decoding.max_length,
-                           decoding.length_penalty, caption_guard(self.vocab, decoding), **options)
+        beams = self.search(self.features(inputs[None]), decoding, with_attention=self.has_attention)
+        hypotheses = [(' '.join(self.vocab.words(row)), score)
+                      for row, score in zip(beams.words[0].tolist(), beams.scores[0].tolist())]
+        if beams.attention is None:
+            return Description(hypotheses, hypotheses[0][0])
+        attended = self.attended(beams.best[0].tolist(), beams.attention[0].cpu())
+        return Description(hypotheses, attended.caption, attended.weights)
 
     @property
     def has_attention(self):
         return self.config.decoder == 'attention'
 
-    def caption(self, image, with_attention=False, decoding=None):
-        """The caption of one image (a file path, an open file, or a PIL image); with
-        `with_attention`, (caption, attention weights (words, h, w))."""
-        if not hasattr(image, 'getpixel'):
-            image = open_image(image)
-        return self.caption_batch(self.transform(image)[None], decoding=decoding, with_attention=with_attention)[0]
+    def caption(self, image, decoding=None):
+        """The caption of one image (a file path, an open file, or a PIL image)."""
+        return self.caption_batch(self.transform(self.opened(image))[None], decoding=decoding)[0]
+
+    def attend(self, image, decoding=None):
+        """The AttendedCaption of one image (a file path, an open file, or a PIL image)."""
+        return self.attend_batch(self.transform(self.opened(image))[None], decoding=decoding)[0]
+
+    @staticmethod
+    def opened(image):
+        return image if hasattr(image, 'getpixel') else open_image(image)
 
     def caption_files(self, paths, batch_size=16, num_workers=2, progress=True):
         """Yield (path, caption) for every file, or (path, ImageError) for one that cannot be read.
@@ -226,4 +215,4 @@ def add_model_args(parser):
     parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
                         help='bf16: the encoder (but its first layers) under bfloat16 autocast '
                              '(faster where the hardware has bf16, a few captions differ)')
-    parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")
+    add_device_flag(parser)

@@ -2,27 +2,33 @@
 
 A model is two files, as in the classic tutorial: the encoder's and the decoder's. Each file
 written here is a dict of plain data and tensors (it loads with weights_only=True):
-`format`, `config` (the architecture, model.ModelConfig), `decoding` (model.Decoding),
+`format`, `config` (the architecture, model.ModelConfig), `decoding` (decoding.Decoding),
 `model` (the state_dict) and `pair`, an id that both files of one write share, so that an
 encoder and a decoder that were not written together are refused; a decoder file records
 `vocab_sha`, the digest of the vocabulary it was trained with, and a training checkpoint's
 decoder file also holds `train_state`. The classic published files are plain state_dicts;
 they are read with sizes given by flags.
 """
+import glob
 import hashlib
 import io
 import os
+import re
 import uuid
+from dataclasses import asdict, dataclass
 
-from errors import InputError
+import torch
+
+from decoding import Decoding
+from errors import InputError, check_format
 from files import atomic_files, atomic_write
+from model import ModelConfig
 
 FORMAT = 2  # files of this repo's earlier layouts have no 'format' and are no longer read
 
 
 def checkpoint_bytes(obj):
     """torch.save's bytes of `obj` (made in memory, so that a full disk is a plain OSError)."""
-    import torch
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -50,7 +56,6 @@ def _refusal(error):
 
 def load_checkpoint(path):
     """Load a checkpoint on the CPU with weights_only=True: tensors and plain data, never code."""
-    import torch
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
@@ -75,13 +80,23 @@ def model_files(path):
     return os.path.join(folder, 'encoder-' + suffix), os.path.join(folder, 'decoder-' + suffix)
 
 
+def step_checkpoints(folder, tag=''):
+    """The decoder files of a run's step checkpoints (`decoder-{tag}{epoch}-{step}.ckpt`), oldest first."""
+    pattern = re.compile('decoder-' + re.escape(tag) + r'(\d+)-(\d+)\.ckpt')
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(folder), 'decoder-*.ckpt')):
+        match = pattern.fullmatch(os.path.basename(path))
+        if match:
+            found.append((int(match[1]), int(match[2]), path))
+    return [path for _, _, path in sorted(found)]
+
+
 def write_model(encoder_path, decoder_path, config, decoding, encoder_state, decoder_state, train_state=None,
                 vocab_sha=None, extra_files=None):
     """Write a model's two files as one unit: both are complete before either replaces its old
     file, and both carry one new `pair` id, so an encoder and a decoder of different writes (a kill
     between the renames) are refused on loading. The decoder records `vocab_sha` (vocab_digest of
     its vocabulary); `extra_files` ({path: bytes}, an exported model's vocab.pkl) join the unit."""
-    from dataclasses import asdict
     common = {'format': FORMAT, 'config': asdict(config), 'decoding': asdict(decoding), 'pair': uuid.uuid4().hex}
     extra = {'train_state': train_state} if train_state is not None else {}
     if vocab_sha is not None:
@@ -95,7 +110,6 @@ def write_model(encoder_path, decoder_path, config, decoding, encoder_state, dec
 
 def _checked_state(path, state):
     """A state_dict of tensors, all finite; else InputError naming the file."""
-    import torch
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f'{path}: not a captioning checkpoint (its weights are not a dict of tensors)')
     for key, value in state.items():
@@ -116,26 +130,37 @@ def _check_sizes(path, config, state):
                          f'but its weights have {found}')
 
 
-def read_model(encoder_path, decoder_path, classic_config):
-    """(config, decoding, encoder state, decoder state, decoder file) of a model's two files.
+@dataclass
+class SavedModel:
+    """What a model's two files hold."""
+    config: ModelConfig  # the architecture
+    decoding: Decoding  # the decoding settings recorded (default ones for the classic files)
+    encoder_state: dict
+    decoder_state: dict
+    decoder_file: dict  # the decoder file as loaded: its vocab_sha and train_state, when it has them
 
-    Plain state_dicts (the classic published files) get `classic_config` and default decoding.
-    Everything recorded is checked first: a pair not written together, a config or decoding out
-    of range or unlike the weights, NaN weights each raise InputError.
+
+def read_model(encoder_path, decoder_path, classic_config=None):
+    """The SavedModel of a model's two files.
+
+    Plain state_dicts (the classic published files) get `classic_config` and default decoding;
+    without one they are refused (a train.py checkpoint is needed). Everything recorded is checked
+    first: a pair not written together, a config or decoding out of range or unlike the weights,
+    NaN weights each raise InputError.
     """
-    from model import Decoding, ModelConfig
     files = [(path, load_checkpoint(path)) for path in (encoder_path, decoder_path)]
     for path, obj in files:
         if not isinstance(obj, dict) or not obj:
             raise InputError(f'{path}: not a captioning checkpoint (no weights in it)')
     (_, enc), (_, dec) = files
     if 'format' not in dec and 'model' not in dec:  # a plain state_dict: the classic layout
+        if classic_config is None:
+            raise InputError(f'{decoder_path}: a plain state_dict, not a train.py checkpoint')
         encoder_state = {('backbone.' + k[len('resnet.'):] if k.startswith('resnet.') else k): v for k, v in enc.items()}
-        return (classic_config, Decoding(), _checked_state(encoder_path, encoder_state),
-                _checked_state(decoder_path, dec), dec)
+        return SavedModel(classic_config, Decoding(), _checked_state(encoder_path, encoder_state),
+                          _checked_state(decoder_path, dec), dec)
     for path, obj in files:
-        if obj.get('format') != FORMAT:
-            raise InputError(f'{path}: written by an earlier version of this repo; its format is no longer read')
+        check_format(path, obj.get('format'), FORMAT)
     if enc.get('pair') != dec.get('pair'):
         raise InputError(f'{encoder_path} and {decoder_path}: not written together (an interrupted write, or '
                          f'files of two models): write the model again, or name the right pair')
@@ -146,7 +171,7 @@ def read_model(encoder_path, decoder_path, classic_config):
     encoder_state = _checked_state(encoder_path, enc.get('model'))
     decoder_state = _checked_state(decoder_path, dec.get('model'))
     _check_sizes(decoder_path, config, decoder_state)
-    return config, decoding, encoder_state, decoder_state, dec
+    return SavedModel(config, decoding, encoder_state, decoder_state, dec)
 
 
 def check_vocab(decoder_file, decoder_path, vocab, vocab_path):
@@ -181,7 +206,6 @@ def load_weights(module, state, path, skip_prefix=None):
 
     Keys under `skip_prefix` (a backbone whose weights come from its package) may be absent.
     """
-    import torch
     expected = module.state_dict()
     for key in expected:  # BatchNorm buffers that PyTorch < 0.4.1 did not save
         if key.endswith('num_batches_tracked') and key not in state:

@@ -3,34 +3,24 @@
 A caption data set holds `samples`, one (input key, caption, image id) per caption; the key
 is an image path (CocoDataset) or a row of the feature cache (FeatureDataset), and
 `load_input(key)` turns it into the encoder's input. Unreadable images yield None,
-which the collate functions drop, so one bad file never stops a long run.
+which the collate functions drop, so one bad file never stops a long run. Every loader here
+gives Batch objects, whichever the data set and whatever the training objective.
 """
 import functools
 import json
 import os
 import sys
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.utils.data as data
 
-from build_vocab import tokenize
-from captions import read_captions
-from errors import InputError
+from caption_files import group_captions, read_captions
+from errors import InputError, check_format
 from images import ImageError, open_image, square
 
 CACHE_FORMAT = 2  # caches of this repo's earlier layouts are no longer read
-
-
-def eval_transform(image_size, mean, std):
-    """PIL image -> normalised tensor (3, size, size): the whole image squared with LANCZOS, as the
-    classic sample.py does (torchvision's Resize, ToTensor and Normalize, without importing it)."""
-    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-
-    def transform(image):
-        pixels = torch.from_numpy(np.asarray(square(image, image_size), dtype=np.uint8).copy())
-        return pixels.permute(2, 0, 1).float().div(255).sub(mean).div(std)
-    return transform
 
 
 def at_least(size, image):
@@ -64,14 +54,19 @@ class CaptionDataset(data.Dataset):
                   f'{len(images) - len(available)} images are not in {where}', file=sys.stderr)
         self.vocab = vocab
 
+    cached = False  # whether inputs are cached backbone features rather than images
+
     def word_ids(self, caption):
-        return torch.tensor([self.vocab('<start>')] + [self.vocab(w) for w in tokenize(caption)]
-                            + [self.vocab('<end>')], dtype=torch.long)
+        return torch.tensor(self.vocab.encode(caption), dtype=torch.long)
+
+    def captions_by_image(self):
+        """{image id: [caption, ...]}, in file order."""
+        return group_captions((image_id, caption) for _, caption, image_id in self.samples)
 
     def __getitem__(self, index):
-        key, caption, _ = self.samples[index]
+        key, caption, image_id = self.samples[index]
         inputs = self.load_input(key)
-        return None if inputs is None else (inputs, self.word_ids(caption))
+        return None if inputs is None else (inputs, [self.word_ids(caption)], image_id)
 
     def __len__(self):
         return len(self.samples)
@@ -114,8 +109,7 @@ def read_feature_index(folder, cnn=None, spatial=None):
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f'{path}: damaged (not valid JSON); delete the cache folder and run extract_features.py '
                          f'again') from None
-    if not isinstance(index, dict) or index.get('format') != CACHE_FORMAT:
-        raise InputError(f'{path}: written by an earlier version of this repo; its format is no longer read')
+    check_format(path, index.get('format') if isinstance(index, dict) else None, CACHE_FORMAT)
     if cnn is not None and index['cnn'] != cnn:
         raise InputError(f'{folder}: cached with --cnn {index["cnn"]}, not {cnn}')
     if spatial is not None and index['spatial'] != spatial:
@@ -131,6 +125,8 @@ class FeatureDataset(CaptionDataset):
     With `flip`, each sample uses the horizontally flipped image's features half of the time
     (when the cache holds them): the feature-space version of the classic random mirror.
     """
+
+    cached = True
 
     def __init__(self, folder, caption_path, vocab, flip=False, cnn=None, spatial=None):
         self.index = read_feature_index(folder, cnn, spatial)
@@ -171,19 +167,17 @@ class GroupedDataset(data.Dataset):
 
     def __init__(self, dataset, k):
         self.dataset, self.k = dataset, k
-        groups = {}
-        for key, caption, _ in dataset.samples:
-            groups.setdefault(key, []).append(caption)
-        self.groups = list(groups.items())
+        keys = {image_id: key for key, _, image_id in dataset.samples}
+        self.groups = [(keys[image_id], captions, image_id) for image_id, captions in dataset.captions_by_image().items()]
 
     def __getitem__(self, index):
-        key, captions = self.groups[index]
+        key, captions, image_id = self.groups[index]
         inputs = self.dataset.load_input(key)
         if inputs is None:
             return None
         order = torch.randperm(len(captions)).tolist()
         chosen = [captions[order[i % len(captions)]] for i in range(self.k)]
-        return inputs, [self.dataset.word_ids(c) for c in chosen]
+        return inputs, [self.dataset.word_ids(c) for c in chosen], image_id
 
     def __len__(self):
         return len(self.groups)
@@ -202,73 +196,53 @@ class ImageSet(data.Dataset):
 
     def __getitem__(self, index):
         key, image_id = self.items[index]
-        return image_id, self.dataset.load_input(key)
+        inputs = self.dataset.load_input(key)
+        return None if inputs is None else (inputs, [], image_id)
 
     def __len__(self):
         return len(self.items)
 
-    @staticmethod
-    def collate(batch):
-        """(image ids, stacked inputs), unreadable images dropped; None when none is left."""
-        batch = [(i, x) for i, x in batch if x is not None]
-        return ([i for i, _ in batch], torch.stack([x for _, x in batch])) if batch else None
+
+@dataclass
+class Batch:
+    """A batch of images (or their cached features) and, for teacher forcing, their captions."""
+    inputs: torch.Tensor  # (B, 3, H, W) images, or cached backbone features, one row per image
+    image_ids: list  # the image of each row
+    captions: torch.Tensor = None  # (N, longest) word ids, padded with 0 (<pad>), longest first; None: no captions
+    lengths: list = None  # the length of each caption
+    owners: torch.Tensor = None  # the input row of each caption
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)
+        return replace(self, inputs=move(self.inputs), captions=move(self.captions), owners=move(self.owners))
+
+    def pin_memory(self):  # DataLoader(pin_memory=True) calls it
+        pin = lambda t: None if t is None else t.pin_memory()
+        return replace(self, inputs=pin(self.inputs), captions=pin(self.captions), owners=pin(self.owners))
 
 
-class ImageFiles(data.Dataset):
-    """Image files for captioning: (index, tensor), or (index, ImageError) for an unreadable file."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __getitem__(self, index):
-        try:
-            return index, self.transform(open_image(self.paths[index]))
-        except ImageError as e:
-            return index, e
-
-    def __len__(self):
-        return len(self.paths)
-
-    @staticmethod
-    def collate(batch):
-        """(indices, stacked images or None, [(index, error)]) for a batch."""
-        good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-        errors = [(i, x) for i, x in batch if not isinstance(x, torch.Tensor)]
-        images = torch.stack([x for _, x in good]) if good else None
-        return [i for i, _ in good], images, errors
-
-
-def _pad(captions):
-    lengths = [len(c) for c in captions]
-    targets = torch.zeros(len(captions), max(lengths), dtype=torch.long)
-    for i, caption in enumerate(captions):
-        targets[i, :len(caption)] = caption
-    return targets, lengths
-
-
-def collate_fn(batch):
-    """Drop unreadable samples, sort by caption length (longest first), pad with 0 (<pad>).
-
-    Returns images (B, 3, H, W) (or features), targets (B, longest) and the caption lengths,
-    or None when no sample of the batch could be read.
-    """
-    batch = sorted((s for s in batch if s is not None), key=lambda s: len(s[1]), reverse=True)
-    if not batch:
+def collate(samples):
+    """A Batch of (inputs, [word ids of its captions], image id) samples, unreadable ones (None)
+    dropped; None when none is left. Captions are sorted by length, longest first, and padded;
+    `owners` says which input each belongs to. Samples of one caption each are themselves sorted
+    so, and each input row is then its caption's (as the classic collate_fn)."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
         return None
-    inputs, captions = zip(*batch)
-    return (torch.stack(inputs, 0), *_pad(captions))
-
-
-def collate_grouped(batch):
-    """Like collate_fn for GroupedDataset: inputs (one per image), targets, lengths, and
-    `owners`, the input row of each caption."""
-    batch = [s for s in batch if s is not None]
-    if not batch:
-        return None
-    pairs = sorted(((caption, owner) for owner, (_, captions) in enumerate(batch) for caption in captions),
+    if all(len(captions) == 1 for _, captions, _ in samples):
+        samples.sort(key=lambda s: len(s[1][0]), reverse=True)
+    inputs = torch.stack([inputs for inputs, _, _ in samples])
+    image_ids = [image_id for _, _, image_id in samples]
+    pairs = sorted(((caption, owner) for owner, (_, captions, _) in enumerate(samples) for caption in captions),
                    key=lambda p: len(p[0]), reverse=True)
-    targets, lengths = _pad([c for c, _ in pairs])
-    return torch.stack([inputs for inputs, _ in batch]), targets, lengths, torch.tensor([o for _, o in pairs])
+    if not pairs:  # images alone
+        return Batch(inputs, image_ids)
+    lengths = [len(caption) for caption, _ in pairs]
+    captions = torch.zeros(len(pairs), max(lengths), dtype=torch.long)
+    for i, (caption, _) in enumerate(pairs):
+        captions[i, :len(caption)] = caption
+    owners = torch.tensor([owner for _, owner in pairs])
+    return Batch(inputs, image_ids, captions, lengths, owners)
 
 
 class EpochSampler(data.DistributedSampler):
@@ -289,10 +263,27 @@ class EpochSampler(data.DistributedSampler):
         return super().__len__() - self.start
 
 
-def training_loader(dataset, batch_size, seed, num_workers, collate, num_replicas=1, rank=0):
-    """A shuffling DataLoader whose order comes from an EpochSampler (loader.sampler), and whose
-    workers' seeds from a private generator, so that starting an epoch does not draw from the
-    global RNG (which the augmentation uses, and a resumed run restores)."""
+def image_batches(dataset, limit=None, batch_size=64, num_workers=0):
+    """Batches of the distinct images of a caption data set (the first `limit`), in order: for
+    captioning a validation split."""
+    return data.DataLoader(ImageSet(dataset, limit), batch_size=batch_size, num_workers=num_workers,
+                           collate_fn=collate)
+
+
+def caption_batches(dataset, batch_size=64, num_workers=0):
+    """Batches of every caption of a data set with its image, in order: for the validation loss."""
+    return data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+
+
+def training_loader(dataset, batch_size, seed, num_workers, per_image=1, images_only=False, num_replicas=1, rank=0):
+    """A shuffling DataLoader of Batches: of images with one caption each, of images with `per_image`
+    captions each, or of images alone (`images_only`). Its order comes from an EpochSampler
+    (loader.sampler) and its workers' seeds from a private generator, so that starting an epoch does
+    not draw from the global RNG (which the augmentation uses, and a resumed run restores)."""
+    if images_only:
+        dataset = ImageSet(dataset)
+    elif per_image > 1:
+        dataset = GroupedDataset(dataset, per_image)
     return data.DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, seed, num_replicas, rank),
                            generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
                            collate_fn=collate, persistent_workers=num_workers > 0,

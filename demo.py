@@ -156,9 +156,10 @@ class Demo:
             return f'error: {e}', [], None, None
         decoding = replace(self.captioner.decoding, beam_size=max(1, min(MAX_BEAMS, int(beam_size))),
                            length_penalty=float(length_penalty))
-        beams, caption, weights = self.captioner.describe(inputs, decoding)
-        table = [[text, round(score, 4)] for text, score in beams]
-        return caption, table, None if weights is None else figure_image(image, caption, weights), image
+        found = self.captioner.describe(inputs, decoding)
+        table = [[text, round(score, 4)] for text, score in found.beams]
+        figure = None if found.weights is None else figure_image(image, found.caption, found.weights)
+        return found.caption, table, figure, image
 
 
 class UploadLimit:

@@ -14,6 +14,12 @@ class InputError(Exception):
     """Bad input; the message names the file and the problem."""
 
 
+def check_format(path, recorded, expected):
+    """InputError unless a file records the format this version writes (earlier layouts are not read)."""
+    if recorded != expected:
+        raise InputError(f'{path}: written by an earlier version of this repo; its format is no longer read')
+
+
 def checked(name, value, low=None, high=None, integer=False, above=None):
     """`value` if it is a finite number (an integer when asked) in [low, high] (or above `above`);
     else ValueError naming `name` and the allowed range."""

@@ -18,8 +18,8 @@ import os
 import sys
 
 from captioner import Captioner, add_model_args
-from captions import bounded_captions, read_captions, read_json, references_by_image
-from data_loader import FeatureDataset, read_feature_index
+from caption_files import bounded_captions, group_captions, read_captions, read_json
+from data_loader import FeatureDataset, image_batches, read_feature_index
 from errors import InputError, integer, script_parser
 from images import ImageError
 from metrics import bootstrap_intervals, score
@@ -68,7 +68,8 @@ def caption_cache(captioner, caption_path, folder, batch_size=64):
     if cached != (config.image_size, config.mean, config.std):
         raise InputError(f'{folder}: cached at input size {cached[0]} with normalisation {cached[1:]}, but the '
                          f'model reads {config.image_size} with {(config.mean, config.std)}')
-    return captioner.caption_dataset(FeatureDataset(folder, caption_path, captioner.vocab), batch_size=batch_size)
+    dataset = FeatureDataset(folder, caption_path, captioner.vocab)
+    return captioner.caption_images(image_batches(dataset, batch_size=batch_size), cached=True)
 
 
 def main(argv=None):
@@ -99,7 +100,7 @@ def main(argv=None):
                 json.dump([{'image_id': i, 'caption': c} for i, c in predictions.items()], f)
     except InputError as e:
         sys.exit(f'error: {e}')
-    references = references_by_image(annotations)
+    references = group_captions((a['image_id'], a['caption']) for a in annotations)
     count = sum(1 for i in predictions if i in references)
     if not count:
         sys.exit(f'error: no prediction has references in {args.caption_path}')

@@ -12,18 +12,16 @@ import sys
 
 import torch
 
-from build_vocab import load_vocab
 from checkpoints import check_vocab, read_model, vocab_digest, write_model
 from errors import InputError, integer, number, script_parser
-from model import Decoding
+from vocabulary import load_vocab
+from decoding import Decoding
 
 
 def export(args):
-    config, _, encoder, decoder, decoder_file = read_model(args.encoder_path, args.decoder_path, None)
-    if config is None:
-        raise InputError(f'{args.decoder_path}: a plain state_dict, not a train.py checkpoint')
+    saved = read_model(args.encoder_path, args.decoder_path)
     vocab = load_vocab(args.vocab_path)
-    check_vocab(decoder_file, args.decoder_path, vocab, args.vocab_path)
+    check_vocab(saved.decoder_file, args.decoder_path, vocab, args.vocab_path)
     paths = [os.path.join(args.output_dir, name) for name in ('encoder.ckpt', 'decoder.ckpt', 'vocab.pkl')]
     inputs = {os.path.realpath(p) for p in (args.encoder_path, args.decoder_path, args.vocab_path)}
     if inputs & {os.path.realpath(p) for p in paths}:
@@ -31,7 +29,7 @@ def export(args):
     dtype = torch.float32 if args.fp32 else torch.float16
     shrink = lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     decoding = Decoding(beam_size=args.beam_size, length_penalty=args.length_penalty, no_repeat=args.no_repeat)
-    write_model(paths[0], paths[1], config, decoding, shrink(encoder), shrink(decoder),
+    write_model(paths[0], paths[1], saved.config, decoding, shrink(saved.encoder_state), shrink(saved.decoder_state),
                 vocab_sha=vocab_digest(vocab), extra_files={paths[2]: pickle.dumps(vocab)})
     return sum(os.path.getsize(p) for p in paths)
 

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from captioner import pick_device
-from captions import read_captions
+from caption_files import read_captions
 from files import atomic_write
-from data_loader import CACHE_FORMAT, ImageFiles, eval_transform
-from errors import InputError, integer, script_parser
+from data_loader import CACHE_FORMAT
+from devices import add_device_flag, pick_device
+from errors import InputError, check_format, integer, script_parser
+from images import ImageFiles, eval_transform
 from model import CNN_CHOICES, LITE_SIZES, EncoderCNN, ModelConfig
 
 
@@ -48,8 +49,7 @@ def plan(args):
 
 
 def check_compatible(found, wanted, where):
-    if found.get('format') != CACHE_FORMAT:
-        raise InputError(f'{where}: written by an earlier version of this repo; its format is no longer read')
+    check_format(where, found.get('format'), CACHE_FORMAT)
     for key in ('cnn', 'image_size', 'flip', 'spatial', 'files'):
         if found[key] != wanted[key]:
             what = 'other images' if key == 'files' else f'{key}={found[key]!r} (asked: {wanted[key]!r})'
@@ -158,7 +158,7 @@ def main(argv=None):
                         help='cache the unpooled feature map (for train.py --decoder attention); 49x larger')
     parser.add_argument('--batch_size', type=integer(1), default=32, help='images per backbone forward')
     parser.add_argument('--num_workers', type=integer(0), default=2, help='image loading processes')
-    parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu")
+    add_device_flag(parser)
     args = parser.parse_args(argv)
     args.image_size = args.image_size or LITE_SIZES.get(args.cnn, 224)
     try:

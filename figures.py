@@ -81,3 +81,24 @@ def save_attention(image, words, weights, path):
     fig = attention_figure(image, words, weights)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_training_curve(records, png_path, key, label):
+    """Draw the training curve `key` of a training log's records, with the validation loss when there is one."""
+    plt = _pyplot()
+    steps = [r for r in records if key in r]
+    if not steps:
+        return
+    per_epoch = max(r['step'] for r in steps)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r['epoch'] - 1 + r['step'] / per_epoch for r in steps], [r[key] for r in steps], label='training')
+    validation = [r for r in records if 'val_loss' in r]
+    if validation and key == 'loss':
+        ax.plot([r['epoch'] for r in validation], [r['val_loss'] for r in validation], 'o-', label='validation')
+        ax.legend()
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

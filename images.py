@@ -9,6 +9,8 @@ import stat
 import warnings
 
 import numpy as np
+import torch
+import torch.utils.data as data
 from PIL import Image, ImageOps
 
 from errors import InputError
@@ -134,3 +136,38 @@ def find_images(values):
             raise InputError(f'{value}: no images there')
         paths += [p for p in found if p not in paths]
     return paths
+
+
+def eval_transform(image_size, mean, std):
+    """PIL image -> normalised tensor (3, size, size): the whole image squared with LANCZOS, as the
+    classic sample.py does (torchvision's Resize, ToTensor and Normalize, without importing it)."""
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def transform(image):
+        pixels = torch.from_numpy(np.asarray(square(image, image_size), dtype=np.uint8).copy())
+        return pixels.permute(2, 0, 1).float().div(255).sub(mean).div(std)
+    return transform
+
+
+class ImageFiles(data.Dataset):
+    """Image files for captioning: (index, tensor), or (index, ImageError) for an unreadable file."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __getitem__(self, index):
+        try:
+            return index, self.transform(open_image(self.paths[index]))
+        except ImageError as e:
+            return index, e
+
+    def __len__(self):
+        return len(self.paths)
+
+    @staticmethod
+    def collate(batch):
+        """(indices, stacked images or None, [(index, error)]) for a batch."""
+        good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
+        errors = [(i, x) for i, x in batch if not isinstance(x, torch.Tensor)]
+        images = torch.stack([x for _, x in good]) if good else None
+        return [i for i, _ in good], images, errors

@@ -1,12 +1,12 @@
-"""Caption metrics: the standard COCO scores (pycocoevalcap's own scorers), and checks for the
-faults a reader notices first: holes and repeated phrases."""
+"""Caption metrics: the standard COCO scores (pycocoevalcap's own scorers), CIDEr-D, and the check
+for a fault a reader notices first, a repeated phrase (holes are decoding.has_hole: the rule)."""
 import contextlib
 import math
 import os
 import shutil
 import sys
 
-from build_vocab import tokenize
+from vocabulary import tokenize
 
 METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
 # What pycocoevalcap's PTB tokenizer drops after tokenising.
@@ -171,27 +171,6 @@ class CiderD:
                     dot = sum(min(w, ref_vec[k][g]) * ref_vec[k][g] for g, w in vec[k].items() if g in ref_vec[k])
                     total += penalty * dot / (norm[k] * ref_norm[k])
         return total / self.n / len(self.refs[image_id]) * 10.0
-
-
-ARTICLES = {'a', 'an', 'the'}
-BAD_ENDINGS = ARTICLES | {'of', 'in', 'on', 'with', 'at', 'to', 'and'}
-PREPOSITIONS = {'of', 'in', 'on', 'with', 'at', 'to', 'by', 'for', 'from', 'into', 'onto', 'over', 'under',
-                'near', 'behind', 'through', 'across', 'along', 'around', 'above', 'below', 'beside', 'between',
-                'towards', 'toward', 'inside', 'outside', 'against', 'during', 'among', 'beneath', 'underneath'}
-
-NOT_AFTER_ARTICLE = ARTICLES | PREPOSITIONS | {'is', 'are', 'and', '.'}  # "a and", "the of", "a ."
-
-
-def has_hole(words):
-    """Whether a caption (its words) reads broken: it holds <unk>; it ends (before its full stop, or
-    cut off without one) in an article or in of/in/on/with/at/to/and; or an article is followed
-    by another article, a preposition, is/are, "and" or the full stop."""
-    if '<unk>' in words:
-        return True
-    body = words[:-1] if words and words[-1] == '.' else words
-    if not body or body[-1] in BAD_ENDINGS:
-        return True
-    return any(w in ARTICLES and nxt in NOT_AFTER_ARTICLE for w, nxt in zip(words, words[1:]))
 
 
 def repeats_phrase(words, n=3):

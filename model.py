@@ -1,4 +1,4 @@
-"""The captioning networks and their decoding.
+"""The captioning networks (how they decode captions is decoding.py).
 
 Show and Tell (Vinyals et al., 2015): a pretrained CNN, frozen, turns the image into one
 embedding; an LSTM reads it as its first input and then generates the caption word by word.
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -61,28 +60,6 @@ class ModelConfig:
             raise ValueError(f'mean and std must hold 3 numbers (one per colour), not {self.mean!r}, {self.std!r}')
         self.mean = tuple(float(checked('mean', m, -10, 10)) for m in self.mean)
         self.std = tuple(float(checked('std', s, high=10, above=0)) for s in self.std)
-
-
-@dataclass
-class Decoding:
-    """How captions are generated; kept apart from the architecture, recorded beside it."""
-    beam_size: int = 1  # 1 = greedy, as the classic recipe
-    length_penalty: float = 0.0  # rank finished beams by sum(log p) / length ** length_penalty
-    max_length: int = 20  # most words generated
-    allow_unk: bool = False  # let the model generate <unk> (masked by default)
-    allow_holes: bool = False  # let a caption end in an article or preposition (metrics.has_hole)
-    no_repeat: int = 3  # never repeat a phrase of this many words (0 = allow repeats)
-
-    LIMITS = {'beam_size': (1, 1000), 'max_length': (1, 1000), 'no_repeat': (0, 1000)}  # the integers' ranges
-
-    def __post_init__(self):
-        """ValueError naming the setting for any value out of range (flags and recorded settings alike)."""
-        for name, (low, high) in self.LIMITS.items():
-            checked(name, getattr(self, name), low, high, integer=True)
-        checked('length_penalty', self.length_penalty, 0, 10)
-        for name in ('allow_unk', 'allow_holes'):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f'{name} must be true or false, not {getattr(self, name)!r}')
 
 
 class EfficientNetLite(nn.Module):
@@ -159,7 +136,7 @@ class EncoderCNN(nn.Module):
         self.linear = nn.Linear(self.feature_size, embed_size)
         self.bn = nn.BatchNorm1d(embed_size, momentum=0.01)
         self.spatial = spatial
-        self.bf16 = False  # bf16.use_bf16 switches it on
+        self.bf16 = False  # devices.use_bf16 switches it on
 
     def train(self, mode=True):
         """The backbone stays in eval mode: frozen means its BatchNorm statistics too."""
@@ -329,138 +306,3 @@ def build_networks(config, pretrained=True, dropout=0.0):
     else:
         decoder = DecoderRNN(config.embed_size, config.hidden_size, config.vocab_size, config.num_layers, dropout)
     return encoder, decoder
-
-
-class CaptionGuard:
-    """The words a decoder may not choose next, given each caption so far (as word ids).
-
-    At the first step only the `first` words (when given); after it, `banned` words never; after
-    a word of `after[k][0]`, none of `after[k][1]` (e.g. no full stop right after "a"); at the last
-    step, none of `not_last`; and, with `no_repeat` n, no word that would repeat an n-word phrase
-    already in the caption (the trigram blocking of captioning and summarisation codebases).
-    Greedy, beam search and sampling all apply it, so the printed caption is exactly the decoded words.
-    """
-
-    def __init__(self, vocab_size, banned=(), after=(), not_last=(), no_repeat=0, first=()):
-        self.kind = torch.zeros(vocab_size, dtype=torch.long)  # 0: no rule, k: the words of after[k - 1]
-        self.rules = torch.zeros(len(after) + 1, vocab_size, dtype=torch.bool)  # kind -> words banned next
-        self.rules[:, list(banned)] = True
-        for k, (words, next_banned) in enumerate(after, 1):
-            self.kind[list(words)] = k
-            self.rules[k, list(next_banned)] = True
-        self.first = torch.ones(vocab_size, dtype=torch.bool) if first else self.rules[0].clone()
-        self.first[list(first)] = False
-        self.not_last = torch.zeros(vocab_size, dtype=torch.bool)
-        self.not_last[list(not_last)] = True
-        self.no_repeat = no_repeat
-
-    def __call__(self, log_probs, history, last_step=False):
-        """`log_probs` (N, V) with the banned words at -inf; `history` (N, t): the words so far
-        (None at the first step)."""
-        device = log_probs.device
-        # NaN and infinite scores (a broken model) sink below every allowed word but stay above the banned
-        # ones, so no rule is ever broken, whatever the scores.
-        log_probs = log_probs.nan_to_num(nan=-1e9, posinf=-1e9, neginf=-1e9)
-        if self.kind.device != device:  # moved once, not at every step
-            self.kind, self.rules, self.first, self.not_last = (
-                t.to(device) for t in (self.kind, self.rules, self.first, self.not_last))
-        if history is None:
-            return log_probs.masked_fill(self.first, float('-inf'))
-        banned = self.rules[self.kind[history[:, -1]]]
-        if last_step:
-            banned |= self.not_last
-        n = self.no_repeat
-        if n and history.size(1) >= n:
-            phrases = history.unfold(1, n, 1)  # (N, t - n + 1, n): every n-word phrase so far
-            ending = history[:, None, history.size(1) - (n - 1):]  # the caption's last n - 1 words (none for n = 1)
-            again = (phrases[:, :, :-1] == ending).all(2)  # the phrases that begin as the caption ends
-            hits = torch.zeros(banned.shape, device=device).scatter_add_(1, phrases[:, :, -1], again.float())
-            banned |= hits > 0
-        return log_probs.masked_fill(banned, float('-inf'))
-
-
-@torch.no_grad()
-def beam_search(decoder, features, end_id, beam_size=1, max_length=20, length_penalty=0.0, guard=None,
-                with_attention=False, n_best=False):
-    """Batched beam search; returns (B, steps) word ids of each image's best hypothesis, and with
-    `with_attention` also its attention weights (B, steps, L). Beam size 1 is greedy decoding.
-    With `n_best`, every hypothesis instead, best first, (B, K, steps), and their scores (B, K)
-    (and with `with_attention` the best one's weights).
-
-    All images and beams advance together as one batch of B*K rows. A beam that emits <end>
-    is finished: it keeps its score and extends only with <end>. Search stops when every beam
-    of every image is finished, or after max_length steps. Hypotheses are then ranked by
-    sum(log p) / length ** length_penalty. Words that `guard` (a CaptionGuard) bans are never generated.
-    """
-    B, K = features.size(0), beam_size
-    log_probs, state = decoder.start(features)  # (B, V)
-    if guard:
-        log_probs = guard(log_probs, None)
-    vocab_size = log_probs.size(1)
-    scores, tokens = log_probs.topk(min(K, vocab_size), dim=1)  # (B, K)
-    if K > vocab_size:  # more beams than words: the extra ones start dead
-        scores = F.pad(scores, (0, K - vocab_size), value=float('-inf'))
-        tokens = F.pad(tokens, (0, K - vocab_size), value=end_id)
-    images = torch.arange(B, device=features.device)
-    state = decoder.select(state, images.repeat_interleave(K))  # rows ordered image-major
-    history = tokens.unsqueeze(2)  # (B, K, t)
-    attention = decoder.attention(state).view(B, K, 1, -1) if with_attention else None  # (B, K, t, L)
-    offsets = (images * K).unsqueeze(1)
-    finished = tokens == end_id
-    lengths = torch.ones_like(scores)
-    done_row = torch.full_like(log_probs[0], float('-inf'))  # a finished beam's one continuation,
-    done_row[end_id] = 0.0  # <end>, at no cost
-    for t in range(1, max_length):
-        if finished.all():
-            break
-        log_probs, state = decoder.step(tokens.reshape(-1), state)
-        if guard:
-            log_probs = guard(log_probs, history.reshape(B * K, -1), last_step=t == max_length - 1)
-        log_probs = torch.where(finished.unsqueeze(2), done_row, log_probs.view(B, K, vocab_size))
-        scores, flat = (scores.unsqueeze(2) + log_probs).view(B, -1).topk(K, dim=1)
-        parent, tokens = flat // vocab_size, flat % vocab_size
-        finished = finished.gather(1, parent)
-        lengths = lengths.gather(1, parent) + (~finished).float()
-        history = torch.cat((history.gather(1, parent.unsqueeze(2).expand_as(history)), tokens.unsqueeze(2)), 2)
-        rows = (parent + offsets).reshape(-1)
-        state = decoder.select(state, rows)
-        if with_attention:
-            kept = attention.gather(1, parent[:, :, None, None].expand_as(attention))
-            attention = torch.cat((kept, decoder.attention(state).view(B, K, 1, -1)), 2)
-        finished = finished | (tokens == end_id)
-    ranked = scores / lengths ** length_penalty
-    if n_best:
-        order = torch.argsort(ranked, dim=1, descending=True, stable=True)  # ties keep beam order, as argmax
-        found = history.gather(1, order.unsqueeze(2).expand_as(history)), ranked.gather(1, order)
-        return found + (attention[images, order[:, 0]],) if with_attention else found
-    best = ranked.argmax(1)
-    return (history[images, best], attention[images, best]) if with_attention else history[images, best]
-
-
-def sample(decoder, features, end_id, max_length=20, guard=None):
-    """Draw one caption per row of `features` from the model (multinomial, for self-critical
-    training), never a word that `guard` bans.
-
-    Returns the word ids (B, steps), <end> after each caption's first <end>; the log-probability
-    of each drawn word (B, steps), with gradient; and a mask (B, steps) of the words up to and
-    including each caption's first <end>.
-    """
-    log_probs, state = decoder.start(features)
-    words, chosen, mask = [], [], []
-    running = torch.ones(features.size(0), dtype=torch.bool, device=features.device)
-    for t in range(max_length):
-        if t:
-            log_probs, state = decoder.step(words[-1], state)
-        if guard:  # the policy sampled and trained is the guarded one, renormalised (and never all zeros)
-            log_probs = guard(log_probs, torch.stack(words, 1) if t else None,
-                              last_step=t == max_length - 1).log_softmax(-1)
-        drawn = torch.multinomial(log_probs.detach().float().exp(), 1).squeeze(1)
-        drawn = torch.where(running, drawn, torch.full_like(drawn, end_id))
-        words.append(drawn)
-        chosen.append(log_probs.gather(1, drawn.unsqueeze(1)).squeeze(1))
-        mask.append(running)
-        running = running & (drawn != end_id)
-        if not running.any():
-            break
-    mask = torch.stack(mask, 1)
-    return torch.stack(words, 1), torch.stack(chosen, 1).masked_fill(~mask, 0.0), mask.float()

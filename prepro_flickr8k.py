@@ -9,7 +9,7 @@ numbered from 1 in the token file's order; a split whose list is absent is skipp
 import os
 import sys
 
-from captions import write_coco
+from caption_files import group_captions, write_coco
 from errors import InputError, script_parser
 
 SPLITS = ('train', 'dev', 'test')
@@ -17,7 +17,7 @@ SPLITS = ('train', 'dev', 'test')
 
 def read_tokens(path):
     """Captions per image name, in file order: {file_name: [caption, ...]}."""
-    captions = {}
+    pairs = []
     try:
         with open(path, encoding='utf-8') as f:
             lines = f.read().splitlines()
@@ -33,8 +33,8 @@ def read_tokens(path):
         name, hash_sign, _ = key.partition('#')
         if not tab or not hash_sign:
             raise InputError(f'{path}:{number}: expected "name.jpg#k<TAB>caption", got {line[:60]!r}')
-        captions.setdefault(name, []).append(caption.strip())
-    return captions
+        pairs.append((name, caption.strip()))
+    return group_captions(pairs)
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ list images with their `split` (train, restval, val, test), `filename`, for COCO
 import os
 import sys
 
-from captions import read_json, write_coco
+from caption_files import read_json, write_coco
 from errors import InputError, script_parser
 
 SPLIT_OF = {'train': 'train', 'restval': 'train', 'val': 'val', 'test': 'test'}

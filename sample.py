@@ -76,11 +76,11 @@ def caption_with_attention(captioner, paths, image, target):
         except ImageError as e:
             print(f'warning: skipped {e}', file=sys.stderr)
             continue
-        caption, weights = captioner.caption(picture, with_attention=True)
+        attended = captioner.attend(picture)
         figure = target if image is not None else os.path.join(target, os.path.splitext(os.path.basename(path))[0] + '.png')
-        save_attention(picture, caption.split(), weights, figure)
-        results.append((path, caption))
-        print(caption if image is not None else f'{path}\t{caption}', flush=True)
+        save_attention(picture, attended.caption.split(), attended.weights, figure)
+        results.append((path, attended.caption))
+        print(attended.caption if image is not None else f'{path}\t{attended.caption}', flush=True)
     return results
 
 

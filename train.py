@@ -1,11 +1,5 @@
-"""Train the captioner on COCO-format captions: the classic Show-and-Tell recipe, then optionally
-self-critical sequence training.
-
-Cross-entropy (the classic recipe): every caption is a target, word by word (teacher forcing).
-Self-critical (`--scst --init_from CKPT`, Rennie et al., 2017): the model samples K captions
-per image, each is rewarded with its CIDEr-D against the image's references, and the model is
-pushed towards the samples that beat a baseline (the mean of the image's other samples, or the
-greedy caption's reward).
+"""Train the captioner on COCO-format captions: the classic Show-and-Tell recipe (cross-entropy),
+then optionally self-critical sequence training (`--scst --init_from CKPT`); objectives.py holds both.
 
 Checkpoints `encoder-{epoch}-{step}.ckpt` / `decoder-{epoch}-{step}.ckpt` (self-critical ones
 `*-scst-{epoch}-{step}.ckpt`) go to --model_path every --save_step batches and at each epoch's
@@ -17,32 +11,34 @@ cache made by extract_features.py; `torchrun --nproc_per_node=N train.py ...` on
 """
 import argparse
 import contextlib
-import glob
 import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence
 from tqdm import tqdm
 
-from bf16 import native_bf16
-from build_vocab import load_vocab, tokenize
-from captioner import Captioner, caption_guard, pick_device
-from checkpoints import load_weights, model_files, read_model, vocab_digest, write_model
-from data_loader import (CocoDataset, FeatureDataset, GroupedDataset, ImageSet, collate_fn, collate_grouped,
-                         eval_transform, read_feature_index, train_transform, training_loader)
+from captioner import Captioner
+from checkpoints import load_weights, model_files, read_model, step_checkpoints, vocab_digest, write_model
+from data_loader import (CocoDataset, FeatureDataset, caption_batches, image_batches, read_feature_index,
+                         train_transform, training_loader)
+from decoding import Decoding
+from devices import add_device_flag, mixed_precision, pick_device
 from errors import InputError, integer, number, script_parser
-from metrics import CiderD, has_hole, score
-from model import CNN_CHOICES, LITE_SIZES, Decoding, ModelConfig, beam_search, build_networks, sample
+from figures import plot_training_curve
+from images import eval_transform
+from metrics import CiderD, score
+from model import CNN_CHOICES, LITE_SIZES, ModelConfig, build_networks
+from objectives import CrossEntropy, EncoderDecoder, SelfCritical
+from runs import RunState, StopRequest, read_log, rng_state, set_rng_state, truncate_log
+from vocabulary import load_vocab, tokenize
 
 
 def add_io_flags(parser):
@@ -93,7 +89,7 @@ def add_training_flags(parser):
     parser.add_argument('--label_smoothing', type=number(0, 0.99), default=0.0, help='cross-entropy against targets '
                         'that spread this much probability evenly over the vocabulary (0 = off, as the classic recipe)')
     parser.add_argument('--seed', type=integer(0, 2 ** 32 - 1), default=0, help='seeds the weights, the shuffle and the augmentation')
-    parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu, cuda:1")
+    add_device_flag(parser)
     parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
                         help='mixed precision (default: on with CUDA, off elsewhere)')
     parser.add_argument('--resume', help="a checkpoint to continue from, or 'latest' in --model_path")
@@ -144,119 +140,6 @@ def parse_args(argv=None):
     return args
 
 
-@dataclass
-class RunState:
-    """Where training stands; saved in every checkpoint so that a resumed run carries on exactly."""
-    epoch: int = 1
-    step: int = 0  # batches done in this epoch
-    window: list = field(default_factory=list)  # losses since the last log line
-    skipped: int = 0  # samples of this epoch that could not be read
-    sampled: int = 0  # self-critical: captions sampled this epoch,
-    reward: float = 0.0  # their summed reward,
-    holes: int = 0  # and how many had a hole (metrics.has_hole)
-    seconds: float = 0.0
-    best_cider: float = None
-
-
-class CaptionModel(nn.Module):
-    """Encoder and decoder as one module: what DistributedDataParallel wraps and trains."""
-
-    def __init__(self, encoder, decoder):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-
-    def encode(self, inputs, cached=False):
-        """Image embeddings from images, or from cached backbone features."""
-        return self.encoder.project(inputs) if cached else self.encoder(inputs)
-
-    def forward(self, inputs, cached, captions=None, lengths=None, owners=None, sample_with=None):
-        """Word scores of `captions` (teacher forcing); or, with `sample_with` (end id, length,
-        CaptionGuard, samples per image), sampled captions and their log-probabilities."""
-        features = self.encode(inputs, cached)
-        if sample_with is not None:
-            end_id, max_length, guard, k = sample_with
-            return sample(self.decoder, features.repeat_interleave(k, 0), end_id, max_length, guard), features
-        if owners is not None:  # several captions per image: each caption takes its image's row
-            features = features[owners]
-        return self.decoder(features, captions, lengths)
-
-
-def checkpoint_name(args, name):
-    """The (encoder, decoder) files of checkpoint `name`; self-critical runs' carry 'scst-'."""
-    tag = f'scst-{name}' if args.scst else name
-    return (os.path.join(args.model_path, f'encoder-{tag}.ckpt'), os.path.join(args.model_path, f'decoder-{tag}.ckpt'))
-
-
-def saved_checkpoints(model_path, scst=False):
-    """Decoder step checkpoints of one kind (cross-entropy or self-critical), oldest first."""
-    pattern = re.compile(r'decoder-' + ('scst-' if scst else '') + r'(\d+)-(\d+)\.ckpt$')
-    found = []
-    for path in glob.glob(os.path.join(glob.escape(model_path), 'decoder-*.ckpt')):
-        match = pattern.fullmatch(os.path.basename(path))
-        if match:
-            found.append((int(match[1]), int(match[2]), path))
-    return [path for _, _, path in sorted(found)]
-
-
-def log_name(args):
-    return 'scst_log.jsonl' if args.scst else 'train_log.jsonl'
-
-
-def read_log(path):
-    """The records of a JSONL log; a line cut short by a crash is ignored."""
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):
-                    records.append(json.loads(line))
-    return records
-
-
-def plot_log(log_path, png_path, key, label):
-    """Draw the training curve `key` of a JSONL log, with the validation loss when there is one."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    records = read_log(log_path)
-    steps = [r for r in records if key in r]
-    if not steps:
-        return
-    per_epoch = max(r['step'] for r in steps)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r['epoch'] - 1 + r['step'] / per_epoch for r in steps], [r[key] for r in steps], label='training')
-    validation = [r for r in records if 'val_loss' in r]
-    if validation and key == 'loss':
-        ax.plot([r['epoch'] for r in validation], [r['val_loss'] for r in validation], 'o-', label='validation')
-        ax.legend()
-    ax.set_xlabel('epoch')
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-class StopRequest:
-    """While active, SIGINT and SIGTERM ask training to save and stop after the current step."""
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.signum, self.pid = None, os.getpid()
-        self.previous = [signal.signal(signum, self.handle) for signum in self.SIGNALS]
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in zip(self.SIGNALS, self.previous):
-            signal.signal(signum, handler)
-
-    def handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a data loader worker: the main process does the saving
-            return
-        self.signum = signum
-        tqdm.write(f'{signal.Signals(signum).name}: saving a checkpoint after this step', file=sys.stderr)
-
-
 def init_distributed():
     """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
     world = int(os.environ.get('WORLD_SIZE', 1))
@@ -280,7 +163,7 @@ def model_config(args, vocab_size):
 
 
 def datasets(args, vocab, config):
-    """The training set (per image for self-critical training) and the validation set (or None)."""
+    """The training set and the validation set (or None)."""
     attention = config.decoder == 'attention'
     if args.features:
         train_set = FeatureDataset(args.features, args.caption_path, vocab, flip=True, spatial=attention)
@@ -298,8 +181,15 @@ def datasets(args, vocab, config):
     return train_set, val_set
 
 
+def training_objective(args, vocab, train_set):
+    """The objective the flags ask for: the one place that decides."""
+    if args.scst:
+        return SelfCritical(vocab, train_set.captions_by_image(), args.samples, args.baseline)
+    return CrossEntropy(args.label_smoothing, args.captions_per_image)
+
+
 class Trainer:
-    """One training run: the model, its optimizer and data, and the run state; `train()` drives it."""
+    """One training run: the model, its optimizer, data and objective, and the run state; `train()` drives it."""
 
     def __init__(self, args):
         self.args = args
@@ -313,68 +203,43 @@ class Trainer:
         self.config = model_config(args, len(self.vocab))
         self.encoder, self.decoder = build_networks(self.config, dropout=args.dropout)
         if args.init_from:
-            self.load_weights(*model_files(args.init_from))
+            self.start_from(*model_files(args.init_from))
         self.train_set, self.val_set = datasets(args, self.vocab, self.config)
         self.cached = args.features is not None
-        self.model = CaptionModel(self.encoder, self.decoder).to(self.device)
+        self.model = EncoderDecoder(self.encoder, self.decoder, self.cached).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=args.learning_rate)
-        self.use_amp = args.amp if args.amp is not None else self.device.type == 'cuda'
-        if self.use_amp and self.device.type == 'cpu' and not native_bf16(self.device):
-            print('warning: --amp: this CPU does not compute bfloat16 natively for every layer used (the LSTM '
-                  'included); training in float32', file=sys.stderr)
-            self.use_amp = False
-        self.amp_dtype = torch.float16 if self.device.type == 'cuda' and not torch.cuda.is_bf16_supported() \
-            else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.precision = mixed_precision(self.device, args.amp)
         self.ddp = nn.parallel.DistributedDataParallel(
             self.model, device_ids=[local_rank] if self.device.type == 'cuda' else None) if self.world > 1 else self.model
-        self.loader = self.make_loader()
-        self.cider = CiderD(self.tokenized_references(self.train_set)) if args.scst else None
-        # self-critical samples obey the rules captions are decoded with
-        self.guard = caption_guard(self.vocab, Decoding()) if args.scst else None
+        self.objective = training_objective(args, self.vocab, self.train_set)
+        self.per_batch = max(1, args.batch_size // self.objective.per_image)
+        self.loader = training_loader(self.train_set, self.per_batch, args.seed, args.num_workers,
+                                      self.objective.per_image, self.objective.images_only, self.world, self.rank)
         self.val_references = None  # the validated images' references and their CIDEr-D scorer
         self.state = RunState()
-        self.log_path = os.path.join(args.model_path, log_name(args))
+        self.log_path = os.path.join(args.model_path, self.objective.log_name)
 
-    def make_loader(self):
-        """Batches of --batch_size captions: of images with their captions, or of images alone
-        (self-critical training samples --samples captions of each)."""
-        args, dataset = self.args, self.train_set
-        per_image = args.samples if args.scst else args.captions_per_image
-        if args.scst:
-            dataset, collate = ImageSet(dataset), ImageSet.collate
-        elif per_image > 1:
-            dataset, collate = GroupedDataset(dataset, per_image), collate_grouped
-        else:
-            collate = collate_fn
-        self.per_batch = max(1, args.batch_size // per_image)
-        return training_loader(dataset, self.per_batch, args.seed, args.num_workers, collate, self.world, self.rank)
-
-    @staticmethod
-    def tokenized_references(dataset):
-        """{image_id: [words + <end>]} of a caption data set: CIDEr-D's references."""
-        references = {}
-        for _, caption, image_id in dataset.samples:
-            references.setdefault(image_id, []).append(tokenize(caption) + ['<end>'])
-        return references
-
-    def load_weights(self, encoder_path, decoder_path):
-        """Load a checkpoint's weights, refusing one trained with another architecture."""
-        saved, _, enc_state, dec_state, decoder_file = read_model(encoder_path, decoder_path, None)
-        if saved is None:
-            raise InputError(f'{decoder_path}: a plain state_dict, not a train.py checkpoint')
-        if saved != self.config:
-            changed = {k: (v, getattr(self.config, k)) for k, v in asdict(saved).items()
+    def start_from(self, encoder_path, decoder_path):
+        """Load a checkpoint's weights, refusing one trained with another architecture; returns the SavedModel."""
+        saved = read_model(encoder_path, decoder_path)
+        if saved.config != self.config:
+            changed = {k: (v, getattr(self.config, k)) for k, v in asdict(saved.config).items()
                        if v != getattr(self.config, k)}
             raise InputError(f'{decoder_path}: was trained with other settings (saved, now): {changed}')
-        load_weights(self.encoder, enc_state, encoder_path, skip_prefix='backbone.')
-        load_weights(self.decoder, dec_state, decoder_path)
-        return decoder_file
+        load_weights(self.encoder, saved.encoder_state, encoder_path, skip_prefix='backbone.')
+        load_weights(self.decoder, saved.decoder_state, decoder_path)
+        return saved
+
+    def checkpoint_files(self, name):
+        """The (encoder, decoder) files of checkpoint `name`; self-critical runs' carry 'scst-'."""
+        tag = self.objective.tag + name
+        return (os.path.join(self.args.model_path, f'encoder-{tag}.ckpt'),
+                os.path.join(self.args.model_path, f'decoder-{tag}.ckpt'))
 
     def train(self):
         """Run the epochs; returns the exit status (128 + signal number when stopped by one)."""
-        args = self.args
+        args, state = self.args, self.state
         os.makedirs(args.model_path, exist_ok=True)
         if not (args.resume and self.resume()) and self.main_process:
             self.start_afresh()
@@ -391,8 +256,8 @@ class Trainer:
                 if self.world > 1:
                     dist.barrier()
         if self.main_process:
-            plot_log(self.log_path, os.path.join(args.model_path, 'scst_reward.png' if args.scst else 'loss.png'),
-                     'reward' if args.scst else 'loss', 'mean reward (CIDEr-D)' if args.scst else 'loss (cross-entropy)')
+            key, label, png = self.objective.curve
+            plot_training_curve(read_log(self.log_path), os.path.join(args.model_path, png), key, label)
         if self.world > 1:
             dist.destroy_process_group()
         return 0
@@ -435,11 +300,11 @@ class Trainer:
         """Start a new run's log, refusing to overwrite an earlier run of the same kind in --model_path
         unless --overwrite (which removes its checkpoints and log)."""
         args = self.args
-        earlier = saved_checkpoints(args.model_path, args.scst)
-        best = [path for path in checkpoint_name(args, 'best') if os.path.exists(path)]
+        earlier = step_checkpoints(args.model_path, self.objective.tag)
+        best = [path for path in self.checkpoint_files('best') if os.path.exists(path)]
         logged = os.path.exists(self.log_path) and os.path.getsize(self.log_path) > 0
         if (earlier or best or logged) and not args.overwrite:
-            kind = 'self-critical' if args.scst else 'cross-entropy'
+            kind = 'self-critical' if self.objective.tag else 'cross-entropy'
             raise InputError(f'{args.model_path}: holds an earlier {kind} run ({len(earlier)} checkpoints'
                              f'{", a best model" if best else ""}{", a log" if logged else ""}): continue it with '
                              f'--resume latest, start over with --overwrite, or choose another --model_path')
@@ -457,84 +322,36 @@ class Trainer:
     def count_skipped(self, batch):
         """Count the samples of this batch that could not be read (unreadable images)."""
         expected = min(self.per_batch, self.loader.sampler.num_samples - (self.state.step - 1) * self.per_batch)
-        got = 0 if batch is None else len(batch[1] if self.args.scst else batch[0])
-        self.state.skipped += expected - got
+        self.state.skipped += expected - (0 if batch is None else len(batch.inputs))
 
     def step(self, batch, bar):
         """One optimisation step on a batch, and a log line every --log_step steps."""
-        if batch is not None and len(batch[1 if self.args.scst else 0]) < 2:
-            tqdm.write(f'step {self.state.step}: skipped a batch of one sample (BatchNorm needs two)', file=sys.stderr)
+        state = self.state
+        if batch is not None and len(batch.inputs) < 2:
+            tqdm.write(f'step {state.step}: skipped a batch of one sample (BatchNorm needs two)', file=sys.stderr)
         elif batch is not None:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                loss = self.scst_loss(*batch) if self.args.scst else self.cross_entropy(batch)
+            with self.precision.autocast():
+                loss = self.objective.loss(self.ddp, batch.to(self.device), state.totals)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            scaler = self.precision.scaler
+            scaler.scale(loss).backward()
             if self.args.grad_clip:
-                self.scaler.unscale_(self.optimizer)
+                scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.state.window.append(loss.item())
+            scaler.step(self.optimizer)
+            scaler.update()
+            state.window.append(loss.item())
             bar.set_postfix(loss=f'{loss.item():.3f}')
-        if self.state.step % self.args.log_step == 0 and self.state.window:
-            mean_loss = sum(self.state.window) / len(self.state.window)
-            record = {'loss': mean_loss}
-            if self.args.scst:
-                record['reward'] = self.state.reward / max(1, self.state.sampled)
-            else:
-                record['perplexity'] = math.exp(mean_loss)
-            self.log(record)
-            self.state.window = []
-
-    def cross_entropy(self, batch):
-        """The classic loss: cross-entropy of every word of every caption (teacher forcing), its
-        targets optionally smoothed (--label_smoothing)."""
-        inputs, captions, lengths = batch[0].to(self.device), batch[1].to(self.device), batch[2]
-        owners = batch[3].to(self.device) if len(batch) == 4 else None
-        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-        scores = self.ddp(inputs, self.cached, captions, lengths, owners)
-        return nn.functional.cross_entropy(scores.float(), targets, label_smoothing=self.args.label_smoothing)
-
-    def scst_loss(self, image_ids, inputs):
-        """Self-critical loss: -(reward - baseline) * log p of each sampled caption's words, per word."""
-        k, end_id = self.args.samples, self.vocab('<end>')
-        (words, log_probs, mask), features = self.ddp(inputs.to(self.device), self.cached,
-                                                      sample_with=(end_id, Decoding.max_length, self.guard, k))
-        owners = [i for i in image_ids for _ in range(k)]
-        rewards = self.rewards(owners, words.cpu())
-        if self.args.baseline == 'greedy':
-            self.decoder.eval()
-            greedy = beam_search(self.decoder, features.detach(), end_id, 1, Decoding.max_length, guard=self.guard)
-            self.decoder.train()
-            baseline = self.rewards(image_ids, greedy.cpu(), count=False).repeat_interleave(k)
-        else:
-            by_image = rewards.view(-1, k)
-            baseline = ((by_image.sum(1, keepdim=True) - by_image) / (k - 1)).view(-1)
-        advantage = (rewards - baseline).to(self.device)
-        return -(advantage[:, None] * log_probs * mask).sum() / mask.sum()
-
-    def rewards(self, image_ids, ids, count=True):
-        """CIDEr-D of each caption (word ids) against its image's references, <end> counted as a
-        word (so that a caption cut off mid-phrase earns less); optionally counted into the run state."""
-        captions = []
-        for row in ids.tolist():
-            words = self.vocab.words(row)
-            captions.append(words + ['<end>'] if self.vocab('<end>') in row else words)
-        rewards = torch.tensor([self.cider.score(i, c) for i, c in zip(image_ids, captions)])
-        if count:
-            self.state.sampled += len(captions)
-            self.state.reward += rewards.sum().item()
-            self.state.holes += sum(has_hole(c[:-1] if c[-1:] == ['<end>'] else c) for c in captions)
-        return rewards
+        if state.step % self.args.log_step == 0 and state.window:
+            self.log(self.objective.step_record(sum(state.window) / len(state.window), state.totals))
+            state.window = []
 
     def end_epoch(self):
         """Report the epoch, validate, keep the best model; the next epoch starts afresh."""
         state = self.state
         if state.skipped:
             tqdm.write(f'epoch {state.epoch}: skipped {state.skipped} unreadable images', file=sys.stderr)
-        record = {}
-        if self.args.scst:
-            record = {'mean_reward': state.reward / max(1, state.sampled), 'hole_rate': state.holes / max(1, state.sampled)}
+        record = self.objective.epoch_record(state.totals)
         if self.val_set is not None and self.main_process:
             record.update(self.validate())
         if record and self.main_process:
@@ -543,41 +360,26 @@ class Trainer:
             if 'CIDEr' in record and (state.best_cider is None or record['CIDEr'] > state.best_cider):
                 state.best_cider = record['CIDEr']
                 self.save('best', with_state=False)
-        state.epoch, state.step, state.skipped, state.sampled, state.reward, state.holes = state.epoch + 1, 0, 0, 0, 0.0, 0
+        state.epoch, state.step, state.skipped, state.totals = state.epoch + 1, 0, 0, {}
 
-    @torch.inference_mode()
     def validate(self):
-        """Greedy BLEU-4, CIDEr and CIDEr-D on the first --val_images; for cross-entropy training
-        also the validation loss over every caption (self-critical training does not optimise it)."""
+        """Greedy BLEU-4, CIDEr and CIDEr-D on the first --val_images, and what the objective scores
+        (the cross-entropy's validation loss over every caption)."""
+        args = self.args
         self.model.eval()
-        scores = {} if self.args.scst else {'val_loss': self.validation_loss()}
+        scores = self.objective.validation_scores(self.model, caption_batches(self.val_set, args.batch_size,
+                                                                              args.num_workers), self.device)
         captioner = Captioner(self.vocab, self.encoder, self.decoder, self.config, Decoding(), self.device)
-        predictions = captioner.caption_dataset(self.val_set, self.args.val_images, self.args.batch_size,
-                                                self.args.num_workers)
+        predictions = captioner.caption_images(image_batches(self.val_set, args.val_images, args.batch_size,
+                                                             args.num_workers), self.cached)
         if self.val_references is None:  # made once: every validation captions the same images
-            references = {}
-            for _, caption, image_id in self.val_set.samples:
-                references.setdefault(image_id, []).append(caption)
+            references = self.val_set.captions_by_image()
             self.val_references = references, CiderD({i: [tokenize(c) for c in references[i]] for i in predictions})
         references, cider = self.val_references
         scores.update(score(references, predictions, metrics=('Bleu_4', 'CIDEr')))
         scores['CIDEr-D'] = sum(cider.score(i, tokenize(c)) for i, c in predictions.items()) / max(1, len(predictions))
         self.model.train()
         return scores
-
-    def validation_loss(self):
-        """Cross-entropy per word over every validation caption."""
-        total, count = 0.0, 0
-        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.args.batch_size,
-                                             num_workers=self.args.num_workers, collate_fn=collate_fn)
-        for batch in tqdm(loader, desc='validation loss', unit='batch', file=sys.stderr, leave=False):
-            if batch is not None:
-                captions = batch[1].to(self.device)
-                targets = pack_padded_sequence(captions, batch[2], batch_first=True).data
-                scores = self.model(batch[0].to(self.device), self.cached, captions, batch[2])
-                total += nn.functional.cross_entropy(scores, targets, reduction='sum').item()
-                count += targets.numel()
-        return total / max(count, 1)
 
     def log(self, record):
         """Append a record to the JSONL log (the main process keeps the log)."""
@@ -594,10 +396,10 @@ class Trainer:
             encoder_state = {k: v for k, v in encoder_state.items() if not k.startswith('backbone.')}
         train_state = {'optimizer': self.optimizer.state_dict(), 'run': asdict(self.state), 'rng': rng_state(),
                        'args': vars(self.args)} if with_state else None
-        write_model(*checkpoint_name(self.args, name), self.config, Decoding(), encoder_state,
+        write_model(*self.checkpoint_files(name), self.config, Decoding(), encoder_state,
                     self.decoder.state_dict(), train_state, vocab_sha=vocab_digest(self.vocab))
         if self.args.keep_last:
-            for old in saved_checkpoints(self.args.model_path, self.args.scst)[:-self.args.keep_last]:
+            for old in step_checkpoints(self.args.model_path, self.objective.tag)[:-self.args.keep_last]:
                 for path in model_files(old)[::-1]:  # decoder first: an encoder alone is never picked up
                     os.remove(path)
 
@@ -605,40 +407,22 @@ class Trainer:
         """Continue from --resume's checkpoint; False when `--resume latest` finds none yet."""
         args = self.args
         if args.resume == 'latest':
-            found = saved_checkpoints(args.model_path, args.scst)
+            found = step_checkpoints(args.model_path, self.objective.tag)
             if not found:
                 print(f'no checkpoint in {args.model_path} yet: starting afresh', file=sys.stderr)
                 return False
-            args_resume = found[-1]
-        else:
-            args_resume = args.resume
-        encoder_path, decoder_path = model_files(args_resume)
-        decoder_file = self.load_weights(encoder_path, decoder_path)
-        if 'train_state' not in decoder_file:
+        decoder_path = found[-1] if args.resume == 'latest' else model_files(args.resume)[1]
+        saved = self.start_from(*model_files(decoder_path))
+        if 'train_state' not in saved.decoder_file:
             raise InputError(f'{decoder_path}: not a training checkpoint (no training state to resume)')
-        saved = decoder_file['train_state']
-        self.optimizer.load_state_dict(saved['optimizer'])
-        set_rng_state(saved['rng'])
-        self.state = RunState(**saved['run'])
+        train_state = saved.decoder_file['train_state']
+        self.optimizer.load_state_dict(train_state['optimizer'])
+        set_rng_state(train_state['rng'])
+        self.state = RunState.saved(train_state['run'])
         if self.main_process:
-            position = (self.state.epoch, self.state.step)
-            kept = [r for r in read_log(self.log_path) if (r['epoch'], r['step']) <= position]
-            with open(self.log_path, 'w') as f:  # drop log lines written after the checkpoint
-                f.writelines(json.dumps(r) + '\n' for r in kept)
+            truncate_log(self.log_path, (self.state.epoch, self.state.step))
         print(f'resuming from {decoder_path} (epoch {self.state.epoch}, step {self.state.step} done)', file=sys.stderr)
         return True
-
-
-def rng_state():
-    return {'torch': torch.get_rng_state(), 'python': random.getstate(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def main(argv=None):

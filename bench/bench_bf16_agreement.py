@@ -1,5 +1,5 @@
 """How many captions `--precision bf16` leaves identical to fp32 ones, for a trained model on real
-photos: bfloat16 autocast alone against autocast with the bias correction (bf16.use_bf16),
+photos: bfloat16 autocast alone against autocast with the bias correction (devices.use_bf16),
 with the model's own decoding settings and with greedy decoding.
 
     python bench/bench_bf16_agreement.py --image_dir DATA_DIR/Images --image_list DATA_DIR/Flickr_8k.devImages.txt
@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from timing import SAMPLE_PHOTOS, machine
-from bf16 import native_bf16, use_bf16
+from devices import native_bf16, use_bf16
 from captioner import Captioner
 
 

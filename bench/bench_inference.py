@@ -12,17 +12,19 @@ import shutil
 import statistics
 import subprocess
 import sys
+import pickle
 import tempfile
 import time
 
 import torch
 
 from timing import ROOT, SAMPLE_PHOTOS, machine, median_seconds, report
-from bf16 import native_bf16, use_bf16
-from build_vocab import Vocabulary, save_vocab
+from devices import native_bf16, use_bf16
 from captioner import Captioner
 from checkpoints import write_model
-from model import Decoding, ModelConfig, build_networks
+from decoding import Decoding
+from model import ModelConfig, build_networks
+from vocabulary import Vocabulary
 
 
 def random_resnet152_model(folder):
@@ -34,7 +36,8 @@ def random_resnet152_model(folder):
     encoder, decoder = build_networks(config, pretrained=False)
     paths = [os.path.join(folder, n) for n in ('encoder.ckpt', 'decoder.ckpt', 'vocab.pkl')]
     write_model(paths[0], paths[1], config, Decoding(), encoder.state_dict(), decoder.state_dict())
-    save_vocab(vocab, paths[2])
+    with open(paths[2], 'wb') as f:
+        pickle.dump(vocab, f)
     return paths
 
 

@@ -15,10 +15,11 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from timing import ROOT, SAMPLE_CAPTIONS, SAMPLE_PHOTOS, machine, median_seconds, report
-from build_vocab import tokenize
-from captions import read_captions
+from caption_files import read_captions
 from metrics import CiderD
-from model import AttentionDecoder, CaptionGuard, DecoderRNN, EncoderCNN, beam_search, sample
+from decoding import CaptionGuard, beam_search, sample_captions
+from model import AttentionDecoder, DecoderRNN, EncoderCNN
+from vocabulary import tokenize
 
 
 def caption_batch(batch_size, vocab_size, generator):
@@ -89,12 +90,13 @@ def scst_vs_cross_entropy(args, kind):
 
     def scst_step(baseline):
         projected = encoder.project(features)
-        drawn, log_probs, mask = sample(decoder, projected.repeat_interleave(5, 0), 2, 20, guard)
+        samples = sample_captions(decoder, projected.repeat_interleave(5, 0), 2, 20, guard)
+        drawn, log_probs, mask = samples.words, samples.log_probs, samples.mask
         to_words = lambda row: [words[i % len(words)] for i in row]  # random ids stand in for real words
         rewards = torch.tensor([cider.score(ids[i // 5 % len(ids)], to_words(r)) for i, r in enumerate(drawn.tolist())])
         if baseline == 'greedy':
             decoder.eval()
-            greedy = beam_search(decoder, projected.detach(), 2, 1, 20, guard=guard)
+            greedy = beam_search(decoder, projected.detach(), 2, 1, 20, guard=guard).best
             decoder.train()
             base = torch.tensor([cider.score(ids[i % len(ids)], to_words(r)) for i, r in enumerate(greedy.tolist())])
             base = base.repeat_interleave(5)

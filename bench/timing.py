@@ -26,7 +26,7 @@ def median_seconds(run, repeats=3, setup=None):
 def machine():
     """The machine in one line: cores, torch, threads, and whether the CPU computes bfloat16 natively."""
     import torch
-    from bf16 import native_bf16
+    from devices import native_bf16
     bf16 = 'native bfloat16 (AVX-512 BF16 or AMX)' if native_bf16(torch.device('cpu')) else 'no native bfloat16'
     return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {bf16}, torch {torch.__version__}, ' \
            f'{torch.get_num_threads()} threads'

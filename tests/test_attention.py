@@ -9,7 +9,7 @@ import sample
 from captioner import Captioner
 from conftest import ROOT, TEST_DATA, run_script
 from figures import attention_figure
-from model import Decoding
+from decoding import Decoding
 
 PHOTOS = [os.path.join(ROOT, 'png', 'example.png')] + sorted(
     os.path.join(TEST_DATA, 'images', n) for n in os.listdir(os.path.join(TEST_DATA, 'images')))
@@ -37,7 +37,8 @@ def test_weights_are_those_of_the_printed_beam_caption():
         captioner.decoding = Decoding(beam_size=1, length_penalty=1)
         greedy = captioner.caption(image)
         captioner.decoding = Decoding(beam_size=3, length_penalty=1)
-        caption, weights = captioner.caption(image, with_attention=True)
+        attended = captioner.attend(image)
+        caption, weights = attended.caption, attended.weights
         if caption != greedy:
             break
     else:
@@ -49,7 +50,8 @@ def test_weights_are_those_of_the_printed_beam_caption():
     assert torch.allclose(weights.sum((1, 2)), torch.ones(len(words)), atol=1e-5)
     expected = teacher_forced_attention(captioner, image, words).view(len(words), side, side)
     assert torch.allclose(weights, expected, atol=1e-5)
-    beams, described, described_weights = captioner.describe(image)  # the demo's one search
+    found = captioner.describe(image)  # the demo's one search
+    beams, described, described_weights = found.beams, found.caption, found.weights
     assert len(beams) == 3 and beams[0][0] == described == caption and beams[1][0] != caption
     assert beams[0][1] >= beams[1][1] >= beams[2][1] and torch.equal(described_weights, weights)
     figure = attention_figure(image, words, weights)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import bf16
+import devices
 from captioner import Captioner
 from conftest import TEST_DATA, run_script
 
@@ -15,7 +15,7 @@ from conftest import TEST_DATA, run_script
 def test_bf16_agreement_bench_counts_identical_captions():
     """The bench's four counts are those of captioning the same 6 photos here, fp32 against bf16
     (autocast alone, and with the bias correction), with the model's decoding and greedily."""
-    if not bf16.native_bf16(torch.device('cpu')):
+    if not devices.native_bf16(torch.device('cpu')):
         pytest.skip('this CPU has no native bfloat16 for these layers: --precision bf16 stays fp32 here, '
                     'nothing to count (checked in test_sample)')
     result = run_script('bench/bench_bf16_agreement.py', '--images', '6')

@@ -42,7 +42,8 @@ def test_blend_is_the_weighted_mean_and_captions(tiny_model, tmp_path, capsys):
 
 def test_first_side_may_be_the_mean_of_several_checkpoints(tiny_model, tmp_path, capsys):
     first = str(tiny_model['models'] / 'decoder-1-4.ckpt')
-    config, decoding, encoder, decoder, _ = read_model(tiny_model['encoder'], tiny_model['decoder'], None)
+    saved = read_model(tiny_model['encoder'], tiny_model['decoder'])
+    config, decoding, encoder, decoder = saved.config, saved.decoding, saved.encoder_state, saved.decoder_state
     doubled = lambda state: {k: 2 * v if v.is_floating_point() else v for k, v in state.items()}
     other = str(tmp_path / 'decoder-doubled.ckpt')  # a third model: the second's weights times two
     write_model(str(tmp_path / 'encoder-doubled.ckpt'), other, config, decoding, doubled(encoder), doubled(decoder))
@@ -59,7 +60,8 @@ def test_first_side_may_be_the_mean_of_several_checkpoints(tiny_model, tmp_path,
 def test_blend_refuses_bad_input_and_keeps_the_models(tiny_model, tmp_path, capsys):
     first, second = str(tiny_model['models'] / 'decoder-1-4.ckpt'), tiny_model['decoder']
     before = open(second, 'rb').read()
-    config, decoding, encoder, decoder, _ = read_model(tiny_model['encoder'], second, None)
+    saved = read_model(tiny_model['encoder'], second)
+    config, decoding, encoder, decoder = saved.config, saved.decoding, saved.encoder_state, saved.decoder_state
     wider = ModelConfig(**{**config.__dict__, 'image_size': config.image_size + 8})  # same tensors, another model
     write_model(str(tmp_path / 'encoder-wide.ckpt'), str(tmp_path / 'decoder-wide.ckpt'), wider, decoding, encoder, decoder)
     cases = [(['--weight', '0.5', '--output', tiny_model['encoder']], 'would overwrite one of the models blended'),

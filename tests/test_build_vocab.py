@@ -6,8 +6,10 @@ from collections import Counter
 import pytest
 
 import build_vocab
-from build_vocab import Vocabulary, load_vocab, save_vocab, tokenize
-from captions import read_captions
+import vocabulary
+from build_vocab import save_vocab
+from vocabulary import Vocabulary, load_vocab, tokenize
+from caption_files import read_captions
 from errors import InputError
 from conftest import ROOT, TEST_DATA, run_script, shared_path
 
@@ -33,7 +35,7 @@ def test_vocab_counts_match_nltk_on_official_val2017(nltk_reference, tmp_path):
     counter = Counter()
     for ann in json.load(open(caption_path))['annotations']:
         counter.update(nltk_reference(ann['caption'].lower()))
-    expected = list(build_vocab.SPECIAL_TOKENS) + [w for w, c in counter.items() if c >= 4]
+    expected = list(vocabulary.SPECIAL_TOKENS) + [w for w, c in counter.items() if c >= 4]
     vocab = load_vocab(str(tmp_path / 'v.pkl'))
     assert [vocab.idx2word[i] for i in range(len(vocab))] == expected
 
@@ -58,14 +60,14 @@ def test_main_writes_a_vocabulary(tmp_path, capsys):
     assert 'Total vocabulary size: %d' % len(vocab) in capsys.readouterr().out
     annotations, _ = read_captions(os.path.join(TEST_DATA, 'captions.json'))
     words = {w for a in annotations for w in tokenize(a['caption'])}
-    assert set(vocab.word2idx) == words | set(build_vocab.SPECIAL_TOKENS)
+    assert set(vocab.word2idx) == words | set(vocabulary.SPECIAL_TOKENS)
     assert not [p for p in os.listdir(tmp_path / 'sub') if p.endswith('.tmp')]
 
 
 def test_crash_while_saving_a_vocabulary_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / 'vocab.pkl')
     old = Vocabulary()
-    for word in build_vocab.SPECIAL_TOKENS + ('giraffe',):
+    for word in vocabulary.SPECIAL_TOKENS + ('giraffe',):
         old.add_word(word)
     save_vocab(old, path)
 

@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from build_vocab import load_vocab, tokenize
+from vocabulary import load_vocab, tokenize
 from conftest import TEST_DATA
-from data_loader import CocoDataset, EpochSampler, collate_fn, eval_transform, train_transform, training_loader
+from data_loader import CocoDataset, EpochSampler, collate, train_transform, training_loader
+from images import eval_transform
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the classic recipe normalises with
 
@@ -35,21 +36,24 @@ def test_samples_are_images_and_word_ids(coco_sample):
     vocab = load_vocab(coco_sample['vocab'])
     dataset = CocoDataset(coco_sample['images'], coco_sample['captions'], vocab,
                           train_transform(56, IMAGENET_MEAN, IMAGENET_STD))
-    image, caption = dataset[0]
+    image, (caption,), image_id = dataset[0]
     assert image.shape == (3, 56, 56) and caption.dtype == torch.long
-    first = json.load(open(coco_sample['captions']))['annotations'][0]['caption']
+    first = json.load(open(coco_sample['captions']))['annotations'][0]
+    assert image_id == first['image_id']
+    first = first['caption']
     assert caption.tolist() == [1] + [vocab(w) for w in tokenize(first)] + [2]
 
 
 def test_collate_sorts_pads_and_drops_unreadable():
     images = [torch.full((3, 4, 4), float(i)) for i in range(3)]
-    batch = [(images[0], torch.tensor([1, 5, 2])), None, (images[1], torch.tensor([1, 5, 6, 7, 2])),
-             (images[2], torch.tensor([1, 2]))]
-    stacked, targets, lengths = collate_fn(batch)
-    assert lengths == [5, 3, 2]
-    assert targets.tolist() == [[1, 5, 6, 7, 2], [1, 5, 2, 0, 0], [1, 2, 0, 0, 0]]
-    assert stacked[:, 0, 0, 0].tolist() == [1.0, 0.0, 2.0]
-    assert collate_fn([None, None]) is None
+    batch = [(images[0], [torch.tensor([1, 5, 2])], 10), None, (images[1], [torch.tensor([1, 5, 6, 7, 2])], 11),
+             (images[2], [torch.tensor([1, 2])], 12)]
+    found = collate(batch)
+    assert found.lengths == [5, 3, 2]
+    assert found.captions.tolist() == [[1, 5, 6, 7, 2], [1, 5, 2, 0, 0], [1, 2, 0, 0, 0]]
+    assert found.inputs[:, 0, 0, 0].tolist() == [1.0, 0.0, 2.0] and found.image_ids == [11, 10, 12]
+    assert found.owners.tolist() == [0, 1, 2]  # each input row is its own caption's
+    assert collate([None, None]) is None
 
 
 def test_corrupt_image_is_skipped_and_reported_once(coco_sample, tmp_path, capsys):
@@ -59,10 +63,10 @@ def test_corrupt_image_is_skipped_and_reported_once(coco_sample, tmp_path, capsy
     vocab = load_vocab(coco_sample['vocab'])
     dataset = CocoDataset(str(tmp_path / 'images'), coco_sample['captions'], vocab,
                           train_transform(56, IMAGENET_MEAN, IMAGENET_STD))
-    loader = training_loader(dataset, batch_size=64, seed=0, num_workers=0, collate=collate_fn)
+    loader = training_loader(dataset, batch_size=64, seed=0, num_workers=0)
     for _ in range(2):
-        images, targets, lengths = next(iter(loader))
-        assert len(lengths) == len(loader.dataset) - 5  # one image, five captions
+        batch = next(iter(loader))
+        assert len(batch.lengths) == len(loader.dataset) - 5  # one image, five captions
     assert capsys.readouterr().err.count(victim) == 1
 
 

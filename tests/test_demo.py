@@ -157,7 +157,7 @@ def test_beyond_the_queue_the_answer_is_busy_try_again(sample_captions, tmp_path
     own = sorted(set(os.listdir(tmp_path)) - {running.name})
     assert len(own) == 1 and own[0].startswith(f'demo-uploads-{server.pid}-'), own
     shutil.rmtree(running)
-    recorded = read_model(*SHIPPED_FILES[:2], classic_config=None)[1]
+    recorded = read_model(*SHIPPED_FILES[:2]).decoding
 
     def one(_):
         client = Client(address, verbose=False, analytics_enabled=False, download_files=False)

@@ -23,15 +23,15 @@ import extract_features
 import resize
 import sample
 import train
-from build_vocab import load_vocab
-from captioner import SHIPPED_FILES, Captioner, caption_guard
+from captioner import SHIPPED_FILES, Captioner
 from checkpoints import read_model, write_model
 from conftest import ROOT, TEST_DATA, make_scenes, train_args
 from data_loader import FeatureDataset, at_least
 from errors import InputError
 from images import ImageError, open_image
-from metrics import ARTICLES, has_hole
-from model import CaptionGuard, Decoding, ModelConfig, beam_search
+from decoding import ARTICLES, CaptionGuard, Decoding, beam_search, caption_guard, has_hole
+from model import ModelConfig
+from vocabulary import load_vocab
 
 NO_PROCESS = 4194304  # above any Linux pid_max: no process has this id
 
@@ -100,7 +100,7 @@ def test_a_model_is_written_as_one_unit(tmp_path, monkeypatch):
         small_model(tmp_path, 'x', seed=2)
     monkeypatch.setattr(os, 'replace', real_replace)
     with pytest.raises(InputError) as refused:
-        read_model(*paths, None)
+        read_model(*paths)
     assert str(refused.value) == f'{paths[0]} and {paths[1]}: not written together (an interrupted write, or ' \
                                  'files of two models): write the model again, or name the right pair'
 
@@ -307,7 +307,7 @@ def test_decoding_rules_hold_whatever_the_scores(value):
     vocab = load_vocab(SHIPPED_FILES[2])
     guard = caption_guard(vocab, Decoding())
     for beam_size in (1, 3):
-        ids = beam_search(NaNDecoder(len(vocab), value), torch.zeros(2, 1), vocab('<end>'), beam_size, 12, guard=guard)
+        ids = beam_search(NaNDecoder(len(vocab), value), torch.zeros(2, 1), vocab('<end>'), beam_size, 12, guard=guard).best
         for row in ids.tolist():
             words = vocab.words(row)
             assert '<unk>' not in words and not has_hole(words), words

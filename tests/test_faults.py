@@ -18,6 +18,7 @@ from PIL import Image
 import checkpoints
 import resize
 import train
+from checkpoints import step_checkpoints
 from odd_images import write_broken_images
 from conftest import ROOT, assert_same_weights, final_weights, make_scenes, train_args
 
@@ -47,7 +48,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait(60)
     # The kill may land a little later; make (epoch 2, step 3) the newest checkpoint, as if it had not.
-    for path in train.saved_checkpoints(str(tmp_path / 'parts')):
+    for path in step_checkpoints(str(tmp_path / 'parts')):
         if os.path.basename(path) not in ('decoder-1-3.ckpt', 'decoder-1-4.ckpt', 'decoder-2-3.ckpt'):
             for old in checkpoints.model_files(path):
                 os.remove(old)
@@ -73,7 +74,7 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     _, err = process.communicate(timeout=600)
     assert process.returncode == 128 + signum
     assert 'Traceback' not in err and 'continue with --resume latest' in err
-    assert train.saved_checkpoints(str(tmp_path / 'm'))
+    assert step_checkpoints(str(tmp_path / 'm'))
 
 
 def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -127,7 +128,7 @@ def test_bad_images_and_odd_captions_do_not_stop_training(coco_sample, tmp_path,
     for name in broken:
         assert err.count(f'warning: skipping {images / name}') == 1  # reported once, not once per epoch
     assert err.count(f'skipped {len(broken)} unreadable images') == 2  # in each epoch's summary
-    assert train.saved_checkpoints(str(tmp_path / 'm'))[-1].endswith('decoder-2-9.ckpt')
+    assert step_checkpoints(str(tmp_path / 'm'))[-1].endswith('decoder-2-9.ckpt')
 
 
 def test_memory_stays_flat_over_hundreds_of_steps(tmp_path, monkeypatch):

@@ -10,11 +10,13 @@ import torch
 
 import extract_features
 import train
-from build_vocab import load_vocab
+from vocabulary import load_vocab
 from captioner import Captioner
-from data_loader import CocoDataset, FeatureDataset, GroupedDataset, collate_grouped, eval_transform
+from data_loader import CocoDataset, FeatureDataset, GroupedDataset, collate
+from images import eval_transform
 from images import open_image
-from model import AttentionDecoder, Decoding, EncoderCNN
+from decoding import Decoding
+from model import AttentionDecoder, EncoderCNN
 from odd_images import write_broken_images
 
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3  # EfficientNet-Lite's (pixel - 127) / 128
@@ -160,8 +162,8 @@ def test_captions_grouped_per_image(coco_sample):
                           eval_transform(32, (0.5,) * 3, (0.5,) * 3))
     grouped = GroupedDataset(dataset, 5)
     assert len(grouped) == 12 and len(dataset) == 60
-    batch = collate_grouped([grouped[0], grouped[1], None])
-    images, targets, lengths, owners = batch
+    batch = collate([grouped[0], grouped[1], None])
+    images, targets, lengths, owners = batch.inputs, batch.captions, batch.lengths, batch.owners
     assert images.shape == (2, 3, 32, 32) and targets.shape[0] == 10 and sorted(owners.tolist()) == [0] * 5 + [1] * 5
     assert lengths == sorted(lengths, reverse=True)
     first_image_captions = {tuple(dataset.word_ids(c).tolist()) for k, c, _ in dataset.samples if k == grouped.groups[0][0]}

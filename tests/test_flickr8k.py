@@ -12,7 +12,7 @@ import captioner
 import export_model
 import sample
 from conftest import ROOT, TEST_DATA, run_script
-from model import Decoding
+from decoding import Decoding
 
 SHIPPED = os.path.join(ROOT, 'models', 'flickr8k')
 

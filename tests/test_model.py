@@ -12,17 +12,18 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import bf16
+import devices
 import checkpoints
 import sample
-from build_vocab import Vocabulary
+from vocabulary import Vocabulary
 from captioner import Captioner
 from checkpoints import load_checkpoint
 from conftest import ROOT, make_scenes, shared_path, tiny_decoder
-from data_loader import eval_transform
+from images import eval_transform
 from errors import InputError
-from metrics import has_hole, repeats_phrase
-from model import AttentionDecoder, DecoderRNN, Decoding, EncoderCNN, ModelConfig, beam_search
+from decoding import Decoding, beam_search, has_hole
+from metrics import repeats_phrase
+from model import AttentionDecoder, DecoderRNN, EncoderCNN, ModelConfig
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -30,7 +31,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @pytest.fixture
 def bf16_everywhere(monkeypatch):
     """Let use_bf16 switch on this CPU even without native bfloat16 (autocast then emulates it)."""
-    monkeypatch.setattr(bf16, 'native_bf16', lambda device: True)
+    monkeypatch.setattr(devices, 'native_bf16', lambda device: True)
 
 
 def greedy_reference(decoder, features, steps):
@@ -75,7 +76,7 @@ def test_decoder_trains_image_step_to_emit_start():
         for _ in range(6):
             log_probs, state = decoder.step(greedy[-1], state)
             greedy.append(log_probs.argmax(1))
-    found = beam_search(decoder, features, end_id=2, beam_size=1, max_length=7)
+    found = beam_search(decoder, features, end_id=2, beam_size=1, max_length=7).best
     expected = torch.stack(greedy, 1)
     for row, want in zip(found.tolist(), expected.tolist()):  # identical up to each row's first <end>
         end = want.index(2) + 1 if 2 in want else len(want)
@@ -103,7 +104,7 @@ def test_bf16_keeps_the_high_resolution_first_layers_in_fp32(cnn, last_fp32, fir
     images = torch.randn(2, 3, 96, 96)
     exact = encoder.backbone_features(images)
     assert dtypes == {last_fp32: torch.float32, first_bf16: torch.float32}
-    bf16.use_bf16(encoder, torch.device('cpu'))
+    devices.use_bf16(encoder, torch.device('cpu'))
     fast = encoder.backbone_features(images)
     assert dtypes == {last_fp32: torch.float32, first_bf16: torch.bfloat16}
     assert fast.dtype == torch.float32 and torch.nn.functional.cosine_similarity(fast, exact).min() > 0.98
@@ -114,7 +115,7 @@ def test_relu_mean_matches_sampling():
     z = mean + std * torch.randn(400_000, 1, generator=torch.Generator().manual_seed(0))
     for cap in (None, 6):
         sampled = (z.clamp(0, cap) if cap else z.clamp(min=0)).mean(0)
-        assert torch.allclose(bf16.relu_mean(mean, std, cap), sampled, atol=0.02)
+        assert torch.allclose(devices.relu_mean(mean, std, cap), sampled, atol=0.02)
 
 
 def test_bf16_bias_correction_brings_features_closer_to_fp32(bf16_everywhere):
@@ -129,9 +130,9 @@ def test_bf16_bias_correction_brings_features_closer_to_fp32(bf16_everywhere):
     plain = copy.deepcopy(encoder)
     plain.bf16 = True  # autocast alone
     corrected = copy.deepcopy(encoder)
-    bf16.use_bf16(corrected, torch.device('cpu'))
+    devices.use_bf16(corrected, torch.device('cpu'))
     shifted = copy.deepcopy(corrected.state_dict())
-    bf16.use_bf16(corrected, torch.device('cpu'))  # a second call changes nothing
+    devices.use_bf16(corrected, torch.device('cpu'))  # a second call changes nothing
     assert all(torch.equal(v, corrected.state_dict()[k]) for k, v in shifted.items())
     assert torch.equal(encoder.backbone_features(images), exact)
     error = {name: ((e.backbone_features(images) - exact).norm() / exact.norm()).item()
@@ -388,7 +389,7 @@ def test_wide_beam_search_finds_the_exhaustive_optimum(alpha, kind):
     with torch.no_grad():
         decoder.linear.weight.mul_(4)  # peaky distributions, so that ties are unlikely
         features = make_features(3)
-        found = beam_search(decoder, features, end_id, vocab_size ** steps, steps, alpha)
+        found = beam_search(decoder, features, end_id, vocab_size ** steps, steps, alpha).best
         for feature, tokens in zip(features, found.tolist()):
             best = max((sequence_score(decoder, feature, seq, end_id) for seq in
                         itertools.product(range(vocab_size), repeat=steps)), key=lambda s: s[0] / s[1] ** alpha)
@@ -404,8 +405,8 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_higher(kind):
         decoder.linear.weight.mul_(3)
         features = make_features(64)
         greedy = greedy_reference(decoder, features, 12)
-        beam1 = beam_search(decoder, features, 2, 1, 12)
-        beam5 = beam_search(decoder, features, 2, 5, 12)
+        beam1 = beam_search(decoder, features, 2, 1, 12).best
+        beam5 = beam_search(decoder, features, 2, 5, 12).best
     for g, b1, b5, feature in zip(greedy.tolist(), beam1.tolist(), beam5.tolist(), features):
         upto_end = lambda seq: seq[:seq.index(2) + 1] if 2 in seq else seq
         assert upto_end(b1) == upto_end(g)
@@ -448,7 +449,7 @@ def test_folded_backbone_gives_the_same_features_without_batchnorm(cnn, size):
 def test_log_probabilities_stay_float32_under_bfloat16_autocast(kind):
     """Sampling draws from, and self-critical training weighs, the decoders' log-probabilities:
     under autocast they are computed in float32 (bfloat16 would round them to 3 digits)."""
-    if not bf16.native_bf16(torch.device('cpu')):  # train.py --amp falls back there: test_train checks that
+    if not devices.native_bf16(torch.device('cpu')):  # train.py --amp falls back there: test_train checks that
         pytest.skip('this CPU does not run the decoders under bfloat16 autocast (no AVX-512 bf16 or AMX in oneDNN)')
     torch.manual_seed(0)
     decoder, make_features = tiny_decoder(kind, 8, 16, 50)

@@ -150,12 +150,12 @@ def test_batched_beam_one_equals_one_by_one_greedy(capsys):
 
 def test_decoding_and_precision_flags_reach_the_model(tiny_model, monkeypatch, capsys):
     """Each flag must change what runs: the beam search's arguments, and the encoder's precision."""
-    import bf16
+    import devices
     import captioner
     calls = []
     real_search = captioner.beam_search
     monkeypatch.setattr(captioner, 'beam_search', lambda *a, **k: calls.append(a[3:6]) or real_search(*a, **k))
-    monkeypatch.setattr(bf16, 'native_bf16', lambda device: True)
+    monkeypatch.setattr(devices, 'native_bf16', lambda device: True)
     image = os.path.join(ROOT, 'png', 'example.png')
     recorded = (1, 20, 0.0)  # what the tiny model's checkpoint records: greedy, 20 words, no penalty
     for flags, expected in ((['--beam_size', '3'], (3, 20, 0.0)), (['--length_penalty', '0.7'], (1, 20, 0.7)),
@@ -167,22 +167,22 @@ def test_decoding_and_precision_flags_reach_the_model(tiny_model, monkeypatch, c
     assert caption_of(image, tiny_model, capsys, '--max_length', '3').out == \
         Captioner.load(*files, device='cpu', max_length=3).caption(image) + '\n'
     encoders = []
-    monkeypatch.setattr(bf16, 'use_bf16', lambda encoder, device: encoders.append(encoder))
+    monkeypatch.setattr(captioner, 'use_bf16', lambda encoder, device: encoders.append(encoder))
     caption_of(image, tiny_model, capsys, '--precision', 'bf16')
     caption_of(image, tiny_model, capsys)
     assert len(encoders) == 1
 
 
 def test_bf16_switches_the_encoder_only_where_bf16_is_native(tiny_model, monkeypatch, capsys):
-    import bf16
+    import devices
     from captioner import Captioner
     files = tiny_model['encoder'], tiny_model['decoder'], tiny_model['vocab']
     cpu = torch.device('cpu')
-    if bf16.native_bf16(cpu):
+    if devices.native_bf16(cpu):
         assert Captioner.load(*files, 'cpu', 'bf16').encoder.bf16
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
-    assert not bf16.native_bf16(cpu)
+    assert not devices.native_bf16(cpu)
     assert not Captioner.load(*files, 'cpu', 'bf16').encoder.bf16
     assert 'warning: no native bfloat16 on this cpu device; using fp32' in capsys.readouterr().err
 

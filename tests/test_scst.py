@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import train
-from build_vocab import Vocabulary, tokenize
-from captioner import Captioner, caption_guard
-from metrics import CiderD, has_hole, repeats_phrase
-from model import CaptionGuard, Decoding, beam_search, sample
+from vocabulary import Vocabulary, tokenize
+from captioner import Captioner
+from metrics import CiderD, repeats_phrase
+import objectives
+from checkpoints import step_checkpoints
+from decoding import CaptionGuard, Decoding, beam_search, caption_guard, has_hole, sample_captions
 from conftest import TEST_DATA, assert_same_weights, final_weights, make_scenes, tiny_decoder, train_args
 
 UNK, END = 3, 2
@@ -22,12 +24,13 @@ def test_unk_is_never_generated_when_it_is_the_likeliest_word(kind):
     features = make_features(6)
     with torch.no_grad():
         decoder.linear.bias[UNK] += 5.0  # <unk> is now the most likely word at every step
-        raw = beam_search(decoder, features, END, 1, 10)
+        raw = beam_search(decoder, features, END, 1, 10).best
         assert (raw == UNK).float().mean() > 0.5  # unmasked, greedy decoding is mostly <unk>
         for beam_size in (1, 3):
-            ids = beam_search(decoder, features, END, beam_size, 10, guard=CaptionGuard(12, banned=(UNK,)))
+            ids = beam_search(decoder, features, END, beam_size, 10, guard=CaptionGuard(12, banned=(UNK,))).best
             assert ids.numel() and not (ids == UNK).any(), beam_size
-        drawn, log_probs, mask = sample(decoder, features.repeat_interleave(20, 0), END, 10, CaptionGuard(12, banned=(UNK,)))
+        samples = sample_captions(decoder, features.repeat_interleave(20, 0), END, 10, CaptionGuard(12, banned=(UNK,)))
+        drawn, log_probs, mask = samples.words, samples.log_probs, samples.mask
     assert not (drawn == UNK).any() and torch.isfinite(log_probs).all()
     assert mask[:, 0].all() and ((drawn == END).cumsum(1) <= 1).logical_or(mask == 0).all()
 
@@ -41,7 +44,8 @@ def test_sampling_survives_a_guard_that_leaves_only_unlikely_words():
     with torch.no_grad():
         decoder.linear.bias[END] -= 300.0  # exp(log p(<end>)) == 0 in float32
         only_end = CaptionGuard(12, banned=[w for w in range(12) if w != END])
-        drawn, log_probs, mask = sample(decoder, features, END, 5, only_end)
+        samples = sample_captions(decoder, features, END, 5, only_end)
+        drawn, log_probs, mask = samples.words, samples.log_probs, samples.mask
     assert (drawn == END).all() and mask[:, 0].all() and torch.allclose(log_probs, torch.zeros_like(log_probs))
 
 
@@ -54,7 +58,8 @@ def test_sampled_log_probs_and_their_gradients_are_the_models(kind):
     features = make_features(40)
     with torch.no_grad():
         decoder.linear.bias[END] += 1.5  # captions end after a few words, at different steps
-    words, log_probs, mask = sample(decoder, features, END, 10)
+    samples = sample_captions(decoder, features, END, 10)
+    words, log_probs, mask = samples.words, samples.log_probs, samples.mask
     ends = mask.sum(1).long()
     assert len(set(ends.tolist())) >= 4 and ends.max() > ends.min() + 3, ends
     assert ((words == END).float().argmax(1) == ends - 1)[ends < 10].all() and (mask[:, 0] == 1).all()
@@ -126,7 +131,7 @@ def test_guarded_decoding_never_makes_a_hole_or_repeats_a_phrase():
     def captions(decoding):
         guard = caption_guard(vocab, decoding)
         found = [beam_search(decoder, features[:1], 2, beam_size, 12, guard=guard) for beam_size in (1, 3)]
-        found.append(sample(decoder, features, 2, 12, guard)[0])
+        found = [beams.best for beams in found] + [sample_captions(decoder, features, 2, 12, guard).words]
         return [[vocab.words(row) for row in ids.tolist()] for ids in found]
     raw = captions(Decoding(allow_unk=True, allow_holes=True, no_repeat=0))
     assert raw[0] == [['a', '.']] and raw[1] == [['.']]  # both holes
@@ -182,13 +187,13 @@ def test_scst_document_frequencies_come_from_all_training_references(tmp_path):
     assert train.main(train_args(folder, tmp_path / 'ce', '--num_epochs', '1')) == 0
     trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'scst', '--init_from',
                                                        str(tmp_path / 'ce' / 'decoder-1-2.ckpt'))))
-    assert sorted(trainer.cider.refs) == [1, 2, 3, 4]  # every training image, before any batch
-    red = trainer.cider.refs[1]
+    assert sorted(trainer.objective.cider.refs) == [1, 2, 3, 4]  # every training image, before any batch
+    red = trainer.objective.cider.refs[1]
     assert len(red) == 2  # both of its captions, <end> counted as a word
-    assert trainer.cider.df[('a',)] == 3 and trainer.cider.df[('<end>',)] == 4 and trainer.cider.df[('red',)] == 1
-    df = dict(trainer.cider.df)
+    assert trainer.objective.cider.df[('a',)] == 3 and trainer.objective.cider.df[('<end>',)] == 4 and trainer.objective.cider.df[('red',)] == 1
+    df = dict(trainer.objective.cider.df)
     assert trainer.train() == 0
-    assert trainer.cider.df == df
+    assert trainer.objective.cider.df == df
 
 
 def test_scst_starts_from_an_exported_model(tmp_path):
@@ -218,8 +223,8 @@ def test_scst_checkpoints_resume_exactly_and_never_mix_with_cross_entropy_ones(t
     assert 'decoder-scst-1-2.ckpt (epoch 2, step 0 done)' in capsys.readouterr().err
     for name in ('decoder-scst-3-2.ckpt', 'encoder-scst-3-2.ckpt'):
         assert_same_weights(final_weights(tmp_path / 'whole', name), final_weights(tmp_path / 'm', name))
-    assert [os.path.basename(p) for p in train.saved_checkpoints(str(tmp_path / 'm'))] == ['decoder-1-2.ckpt']
-    assert [os.path.basename(p) for p in train.saved_checkpoints(str(tmp_path / 'm'), scst=True)] == [
+    assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path / 'm'))] == ['decoder-1-2.ckpt']
+    assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path / 'm'), 'scst-')] == [
         'decoder-scst-1-2.ckpt', 'decoder-scst-2-2.ckpt', 'decoder-scst-3-2.ckpt']
     log = [json.loads(line) for line in open(tmp_path / 'm' / 'scst_log.jsonl')]
     epochs = [r for r in log if 'mean_reward' in r]
@@ -277,11 +282,11 @@ def test_the_advantage_is_reward_minus_baseline(tmp_path, baseline):
     folder = make_scenes(tmp_path)
     trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'm', '--baseline', baseline,
                                                        '--dropout', '0.3')))
-    trainer.rewards = lambda image_ids, ids, count=True: torch.tensor([0.5 * i for i in image_ids])
+    trainer.objective.rewards = lambda image_ids, ids, totals=None: torch.tensor([0.5 * i for i in image_ids])
     trainer.model.train()
     batch = next(iter(trainer.loader))
-    assert len(set(batch[0])) == 2  # two photos of a batch, with different rewards
-    loss = trainer.scst_loss(*batch)
+    assert len(set(batch.image_ids)) == 2  # two photos of a batch, with different rewards
+    loss = trainer.objective.loss(trainer.ddp, batch, trainer.state.totals)
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in trainer.params)
@@ -296,7 +301,7 @@ def test_end_counts_in_the_reward_as_a_word(tmp_path):
     words = 'a red square on a white wall'.split()
     ended = [vocab('<start>')] + [vocab(w) for w in words] + [vocab('<end>'), vocab('<end>')]
     cut = [vocab('<start>')] + [vocab(w) for w in words] + [vocab('on'), vocab('a')]
-    rewards = trainer.rewards([1, 1], torch.tensor([ended, cut]), count=False)
+    rewards = trainer.objective.rewards([1, 1], torch.tensor([ended, cut]))
     references = {i: [tokenize(c) + ['<end>'] for c in captions] for i, captions in
                   {1: ['a red square on a white wall'] * 2, 2: ['two blue birds in the sky'] * 2,
                    3: ['a green field with a tree'] * 2, 4: ['a yellow taxi on the road'] * 2}.items()}
@@ -312,13 +317,13 @@ def test_self_critical_samples_are_drawn_under_the_decoding_rules(tmp_path, monk
     folder = make_scenes(tmp_path)
     trainer = train.Trainer(train.parse_args(scst_args(folder, tmp_path / 'm')))
     drawn = []
-    real_sample = train.sample
+    real_sample = objectives.sample_captions
 
     def spy(decoder, features, end_id, max_length, guard):
         drawn.append(guard)
         return real_sample(decoder, features, end_id, max_length, guard)
-    monkeypatch.setattr(train, 'sample', spy)
-    trainer.scst_loss(*next(iter(trainer.loader)))
+    monkeypatch.setattr(objectives, 'sample_captions', spy)
+    trainer.objective.loss(trainer.ddp, next(iter(trainer.loader)), trainer.state.totals)
     expected = caption_guard(trainer.vocab, Decoding())
     vocab, guard = trainer.vocab, drawn[0]
     history = torch.tensor([[vocab('<start>'), vocab('a'), vocab('red'), vocab('square'), vocab('a'), vocab('red')]])

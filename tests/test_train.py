@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
-import bf16
+import devices
 import train
-from build_vocab import tokenize
+from checkpoints import step_checkpoints
+from vocabulary import tokenize
 from captioner import Captioner
 from conftest import SCENES, assert_same_weights, final_weights, make_scenes, train_args
 from metrics import CiderD
@@ -77,7 +78,7 @@ def test_resume_refuses_other_model_settings(tmp_path, capsys):
     # 'latest' with nothing saved yet starts afresh, so a job script can always pass it.
     assert train.main(train_args(folder, tmp_path / 'new', '--num_epochs', '1', '--resume', 'latest')) == 0
     assert 'starting afresh' in capsys.readouterr().err
-    assert train.saved_checkpoints(str(tmp_path / 'new'))
+    assert step_checkpoints(str(tmp_path / 'new'))
 
 
 def test_keep_last_prunes_old_step_checkpoints(tmp_path):
@@ -133,7 +134,7 @@ def test_mixed_precision_trains_from_images_and_learns(tmp_path, decoder, capsys
     assert train.main(train_args(folder, models, '--decoder', decoder, '--amp', '--num_epochs', '30',
                                  '--learning_rate', '0.01', '--log_step', '2', '--save_step', '1000')) == 0
     fallback = 'warning: --amp: this CPU does not compute bfloat16 natively'
-    assert (fallback in capsys.readouterr().err) == (not bf16.native_bf16(torch.device('cpu')))
+    assert (fallback in capsys.readouterr().err) == (not devices.native_bf16(torch.device('cpu')))
     log = [json.loads(line) for line in open(models / 'train_log.jsonl')]
     assert log[-1]['loss'] < 0.2 * log[0]['loss']
 

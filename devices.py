@@ -1,4 +1,5 @@
-"""bfloat16 inference for the encoder (`--precision bf16`), with a data-free bias correction.
+"""The device a script runs on (`--device`), and bfloat16 inference for the encoder (`--precision
+bf16`) with a data-free bias correction.
 
 `native_bf16` also decides whether train.py --amp can use bfloat16 on a CPU. The backbone runs
 under bfloat16 autocast, but for its high-resolution first layers (EncoderCNN.split_backbone),
@@ -10,9 +11,51 @@ from the BatchNorm's beta and gamma, so the shift is known and the next BatchNor
 import functools
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+def add_device_flag(parser):
+    """The --device flag that every script running a model has."""
+    parser.add_argument('--device', default='auto', help="'auto' (CUDA, then MPS, then CPU), or e.g. cpu, cuda:1")
+
+
+def pick_device(name='auto'):
+    """'auto' picks CUDA, then Apple MPS, then the CPU."""
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+@dataclass
+class MixedPrecision:
+    """How training computes: under autocast in `dtype` when enabled, with a gradient scaler (a no-op
+    unless float16)."""
+    device: torch.device
+    enabled: bool
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
+
+
+def mixed_precision(device, requested=None):
+    """train.py --amp (None: on with CUDA, off elsewhere): bfloat16 where the device computes it, else
+    float16 with a gradient scaler on CUDA; a CPU without native bfloat16 trains in float32, saying so."""
+    enabled = requested if requested is not None else device.type == 'cuda'
+    if enabled and device.type == 'cpu' and not native_bf16(device):
+        print('warning: --amp: this CPU does not compute bfloat16 natively for every layer used (the LSTM '
+              'included); training in float32', file=sys.stderr)
+        enabled = False
+    dtype = torch.float16 if device.type == 'cuda' and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return MixedPrecision(device, enabled, dtype, torch.amp.GradScaler(enabled=enabled and dtype == torch.float16))
 
 
 def native_bf16(device):

@@ -92,12 +92,12 @@ def read_captions(path):
     return data['annotations'], images
 
 
-def references_by_image(annotations):
-    """{image_id: [caption, ...]} in file order."""
-    references = {}
-    for ann in annotations:
-        references.setdefault(ann['image_id'], []).append(ann['caption'])
-    return references
+def group_captions(pairs):
+    """{image: [caption, ...]} of (image, caption) pairs, images and captions in first-seen order."""
+    grouped = {}
+    for image, caption in pairs:
+        grouped.setdefault(image, []).append(caption)
+    return grouped
 
 
 def write_coco(path, names, captions, image_ids):
