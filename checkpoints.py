@@ -11,11 +11,12 @@ they are read with sizes given by flags.
 """
 import glob
 import hashlib
+import math
 import io
 import os
 import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -78,6 +79,11 @@ def model_files(path):
         return os.path.join(folder, 'encoder.ckpt'), os.path.join(folder, 'decoder.ckpt')
     suffix = name.split('-', 1)[1] if '-' in name else name
     return os.path.join(folder, 'encoder-' + suffix), os.path.join(folder, 'decoder-' + suffix)
+
+
+def checkpoint_files(folder, name):
+    """The (encoder, decoder) files of training checkpoint `name` in `folder`."""
+    return os.path.join(folder, f'encoder-{name}.ckpt'), os.path.join(folder, f'decoder-{name}.ckpt')
 
 
 def step_checkpoints(folder, tag=''):
@@ -185,6 +191,27 @@ def check_vocab(decoder_file, decoder_path, vocab, vocab_path):
     if 'vocab_sha' in decoder_file and decoder_file['vocab_sha'] != vocab_digest(vocab):
         raise InputError(f'{decoder_path}: trained with another vocabulary than {vocab_path} '
                          f'(same size, other words): probably the wrong vocab.pkl')
+
+
+def extend_vocabulary(saved, path, old_vocab, old_vocab_path, vocab):
+    """The SavedModel of `path` with its decoder grown from `old_vocab` (checked against the file) to
+    `vocab`, which must begin with old_vocab's words in order. Each new word's embedding and output
+    row start as <unk>'s (what the model said for such a word until now), its output bias lowered by
+    log(number of new words), so that together they take <unk>'s probability; old words keep their weights."""
+    check_vocab(saved.decoder_file, path, old_vocab, old_vocab_path)
+    old = [old_vocab.idx2word[i] for i in range(len(old_vocab))]
+    if [vocab.idx2word[i] for i in range(min(len(old), len(vocab)))] != old:
+        raise InputError(f'{old_vocab_path}: the vocabulary does not begin with its words (build it with build_vocab.py '
+                         f'--extend {old_vocab_path})')
+    added, unk = len(vocab) - len(old), old_vocab('<unk>')
+    state = dict(saved.decoder_state)
+    for key in ('embed.weight', 'linear.weight', 'linear.bias'):
+        rows = state[key][unk].expand(added, *state[key].shape[1:]).clone()
+        if key == 'linear.bias':
+            rows -= math.log(max(added, 1))
+        state[key] = torch.cat((state[key], rows))
+    config = replace(saved.config, vocab_size=len(vocab))
+    return replace(saved, config=config, decoder_state=state, decoder_file={**saved.decoder_file, 'vocab_sha': None})
 
 
 def average_states(states):

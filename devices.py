@@ -1,7 +1,8 @@
-"""The device a script runs on (`--device`), and bfloat16 inference for the encoder (`--precision
-bf16`) with a data-free bias correction.
+"""Where and in what precision models run: the device (`--device`), torchrun's processes, training's
+mixed precision (`--amp`), and bfloat16 inference for the encoder (`--precision bf16`) with a
+data-free bias correction.
 
-`native_bf16` also decides whether train.py --amp can use bfloat16 on a CPU. The backbone runs
+`native_bf16` decides whether train.py --amp can use bfloat16 on a CPU. The backbone runs
 under bfloat16 autocast, but for its high-resolution first layers (EncoderCNN.split_backbone),
 where rounding changed the most captions and costs little to avoid. Rounding a convolution's weights to bfloat16 also shifts
 the mean of its outputs; where its input is ReLU(BatchNorm(...)), that input's mean follows
@@ -9,11 +10,13 @@ from the BatchNorm's beta and gamma, so the shift is known and the next BatchNor
 (Nagel et al., 2019, "Data-Free Quantization"). bench/README.md has the figures.
 """
 import functools
+import os
 import math
 import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -56,6 +59,15 @@ def mixed_precision(device, requested=None):
         enabled = False
     dtype = torch.float16 if device.type == 'cuda' and not torch.cuda.is_bf16_supported() else torch.bfloat16
     return MixedPrecision(device, enabled, dtype, torch.amp.GradScaler(enabled=enabled and dtype == torch.float16))
+
+
+def init_distributed():
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world == 1:
+        return 0, 1, 0
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
 
 
 def native_bf16(device):

@@ -1,5 +1,5 @@
 """What a training run needs to stop at any moment and carry on exactly: its state, the RNG
-states, the stop request (Ctrl-C, SIGTERM), and its log."""
+states, the stop request (Ctrl-C, SIGTERM), and its log; and never to overwrite an earlier run."""
 import contextlib
 import json
 import os
@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+
+from checkpoints import checkpoint_files, model_files, step_checkpoints
+from errors import InputError
 
 
 @dataclass
@@ -29,6 +32,23 @@ class RunState:
         run = dict(run)
         totals = {k: run.pop(k) for k in ('sampled', 'reward', 'holes') if k in run}
         return cls(**{'totals': totals, **run})
+
+
+def start_afresh(model_path, tag, log_path, overwrite=False):
+    """Start a new run's log in `model_path`, refusing to overwrite an earlier run of the same kind
+    (checkpoints tagged `tag`) unless `overwrite`, which removes its checkpoints and log."""
+    earlier = step_checkpoints(model_path, tag)
+    best = [path for path in checkpoint_files(model_path, tag + 'best') if os.path.exists(path)]
+    logged = os.path.exists(log_path) and os.path.getsize(log_path) > 0
+    if (earlier or best or logged) and not overwrite:
+        kind = 'self-critical' if tag else 'cross-entropy'
+        raise InputError(f'{model_path}: holds an earlier {kind} run ({len(earlier)} checkpoints'
+                         f'{", a best model" if best else ""}{", a log" if logged else ""}): continue it with '
+                         f'--resume latest, start over with --overwrite, or choose another --model_path')
+    for path in best + [file for decoder in earlier for file in model_files(decoder)]:
+        if os.path.exists(path):
+            os.remove(path)
+    open(log_path, 'w').close()
 
 
 def truncate_log(path, position):

@@ -26,18 +26,19 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from captioner import Captioner
-from checkpoints import load_weights, model_files, read_model, step_checkpoints, vocab_digest, write_model
+from checkpoints import (checkpoint_files, extend_vocabulary, load_weights, model_files, read_model, step_checkpoints,
+                         vocab_digest, write_model)
 from data_loader import (CocoDataset, FeatureDataset, caption_batches, image_batches, read_feature_index,
                          train_transform, training_loader)
 from decoding import Decoding
-from devices import add_device_flag, mixed_precision, pick_device
+from devices import add_device_flag, init_distributed, mixed_precision, pick_device
 from errors import InputError, integer, number, script_parser
 from figures import plot_training_curve
 from images import eval_transform
 from metrics import CiderD, score
 from model import CNN_CHOICES, LITE_SIZES, ModelConfig, build_networks
 from objectives import CrossEntropy, EncoderDecoder, SelfCritical
-from runs import RunState, StopRequest, read_log, rng_state, set_rng_state, truncate_log
+from runs import RunState, StopRequest, read_log, rng_state, set_rng_state, start_afresh, truncate_log
 from vocabulary import load_vocab, tokenize
 
 
@@ -120,6 +121,8 @@ def add_scst_flags(parser):
     scst.add_argument('--scst', action='store_true', help='optimise CIDEr-D of sampled captions '
                       '(start from a cross-entropy model with --init_from)')
     scst.add_argument('--init_from', help='start from this checkpoint\'s weights (a fresh optimizer)')
+    scst.add_argument('--init_vocab', help="--init_from's vocabulary, which --vocab_path extends (build_vocab.py "
+                      '--extend): fine-tuning a model on new words, whose rows start as <unk>\'s')
     scst.add_argument('--samples', type=integer(1, 100), default=5, help='captions sampled per image')
     scst.add_argument('--baseline', choices=('mean', 'greedy'), default='mean',
                       help="mean: the mean reward of the image's other samples; greedy: the greedy caption's")
@@ -138,15 +141,6 @@ def parse_args(argv=None):
         parser.error('--baseline mean needs --samples 2 or more')
     args.crop_size = args.crop_size or LITE_SIZES.get(args.cnn, 224)
     return args
-
-
-def init_distributed():
-    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world == 1:
-        return 0, 1, 0
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    return dist.get_rank(), world, int(os.environ.get('LOCAL_RANK', 0))
 
 
 def model_config(args, vocab_size):
@@ -203,7 +197,7 @@ class Trainer:
         self.config = model_config(args, len(self.vocab))
         self.encoder, self.decoder = build_networks(self.config, dropout=args.dropout)
         if args.init_from:
-            self.start_from(*model_files(args.init_from))
+            self.start_from(*model_files(args.init_from), args.init_vocab)
         self.train_set, self.val_set = datasets(args, self.vocab, self.config)
         self.cached = args.features is not None
         self.model = EncoderDecoder(self.encoder, self.decoder, self.cached).to(self.device)
@@ -220,9 +214,12 @@ class Trainer:
         self.state = RunState()
         self.log_path = os.path.join(args.model_path, self.objective.log_name)
 
-    def start_from(self, encoder_path, decoder_path):
-        """Load a checkpoint's weights, refusing one trained with another architecture; returns the SavedModel."""
+    def start_from(self, encoder_path, decoder_path, old_vocab_path=None):
+        """Load a checkpoint's weights, refusing one trained with another architecture; returns the SavedModel.
+        With `old_vocab_path`, its decoder is first grown to this run's vocabulary (checkpoints.extend_vocabulary)."""
         saved = read_model(encoder_path, decoder_path)
+        if old_vocab_path:
+            saved = extend_vocabulary(saved, decoder_path, load_vocab(old_vocab_path), old_vocab_path, self.vocab)
         if saved.config != self.config:
             changed = {k: (v, getattr(self.config, k)) for k, v in asdict(saved.config).items()
                        if v != getattr(self.config, k)}
@@ -231,18 +228,12 @@ class Trainer:
         load_weights(self.decoder, saved.decoder_state, decoder_path)
         return saved
 
-    def checkpoint_files(self, name):
-        """The (encoder, decoder) files of checkpoint `name`; self-critical runs' carry 'scst-'."""
-        tag = self.objective.tag + name
-        return (os.path.join(self.args.model_path, f'encoder-{tag}.ckpt'),
-                os.path.join(self.args.model_path, f'decoder-{tag}.ckpt'))
-
     def train(self):
         """Run the epochs; returns the exit status (128 + signal number when stopped by one)."""
         args, state = self.args, self.state
         os.makedirs(args.model_path, exist_ok=True)
         if not (args.resume and self.resume()) and self.main_process:
-            self.start_afresh()
+            start_afresh(args.model_path, self.objective.tag, self.log_path, args.overwrite)
         state = self.state
         self.started = time.time() - state.seconds
         self.model.train()
@@ -283,7 +274,8 @@ class Trainer:
             for batch in bar:
                 state.step += 1
                 state.seconds = time.time() - self.started
-                self.count_skipped(batch)
+                expected = min(self.per_batch, sampler.num_samples - (state.step - 1) * self.per_batch)
+                state.skipped += expected - (0 if batch is None else len(batch.inputs))  # unreadable images
                 self.step(batch, bar)
                 epoch_done = state.step == total
                 name = f'{state.epoch}-{state.step}'
@@ -296,33 +288,11 @@ class Trainer:
         self.end_epoch()  # the data ran out before `total` batches (not expected; never loop without a step)
         return bool(self.stop.signum)
 
-    def start_afresh(self):
-        """Start a new run's log, refusing to overwrite an earlier run of the same kind in --model_path
-        unless --overwrite (which removes its checkpoints and log)."""
-        args = self.args
-        earlier = step_checkpoints(args.model_path, self.objective.tag)
-        best = [path for path in self.checkpoint_files('best') if os.path.exists(path)]
-        logged = os.path.exists(self.log_path) and os.path.getsize(self.log_path) > 0
-        if (earlier or best or logged) and not args.overwrite:
-            kind = 'self-critical' if self.objective.tag else 'cross-entropy'
-            raise InputError(f'{args.model_path}: holds an earlier {kind} run ({len(earlier)} checkpoints'
-                             f'{", a best model" if best else ""}{", a log" if logged else ""}): continue it with '
-                             f'--resume latest, start over with --overwrite, or choose another --model_path')
-        for path in best + [file for decoder in earlier for file in model_files(decoder)]:
-            if os.path.exists(path):
-                os.remove(path)
-        open(self.log_path, 'w').close()
-
     def set_learning_rate(self):
         if self.args.lr_decay_every:
             for group in self.optimizer.param_groups:
                 group['lr'] = self.args.learning_rate * self.args.lr_decay ** (
                     (self.state.epoch - 1) // self.args.lr_decay_every)
-
-    def count_skipped(self, batch):
-        """Count the samples of this batch that could not be read (unreadable images)."""
-        expected = min(self.per_batch, self.loader.sampler.num_samples - (self.state.step - 1) * self.per_batch)
-        self.state.skipped += expected - (0 if batch is None else len(batch.inputs))
 
     def step(self, batch, bar):
         """One optimisation step on a batch, and a log line every --log_step steps."""
@@ -396,8 +366,8 @@ class Trainer:
             encoder_state = {k: v for k, v in encoder_state.items() if not k.startswith('backbone.')}
         train_state = {'optimizer': self.optimizer.state_dict(), 'run': asdict(self.state), 'rng': rng_state(),
                        'args': vars(self.args)} if with_state else None
-        write_model(*self.checkpoint_files(name), self.config, Decoding(), encoder_state,
-                    self.decoder.state_dict(), train_state, vocab_sha=vocab_digest(self.vocab))
+        write_model(*checkpoint_files(self.args.model_path, self.objective.tag + name), self.config, Decoding(),
+                    encoder_state, self.decoder.state_dict(), train_state, vocab_sha=vocab_digest(self.vocab))
         if self.args.keep_last:
             for old in step_checkpoints(self.args.model_path, self.objective.tag)[:-self.args.keep_last]:
                 for path in model_files(old)[::-1]:  # decoder first: an encoder alone is never picked up
