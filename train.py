@@ -3,11 +3,10 @@ then optionally self-critical sequence training (`--scst --init_from CKPT`); obj
 
 Checkpoints `encoder-{epoch}-{step}.ckpt` / `decoder-{epoch}-{step}.ckpt` (self-critical ones
 `*-scst-{epoch}-{step}.ckpt`) go to --model_path every --save_step batches and at each epoch's
-end, written atomically; the decoder file also holds the optimizer, RNG states and run state, so
-`--resume latest` continues exactly where a killed run stopped. Ctrl-C or SIGTERM saves and
-exits. With --val_caption_path each epoch ends with validation (loss, greedy BLEU-4, CIDEr and
-CIDEr-D) and the best model by CIDEr is kept as `*-best.ckpt`. `--features DIR` trains from a
-cache made by extract_features.py; `torchrun --nproc_per_node=N train.py ...` on N processes.
+end, with the optimizer, RNG states and run state, so `--resume latest` continues exactly where a
+killed run stopped; Ctrl-C or SIGTERM saves and exits. With --val_caption_path each epoch ends with
+validation and the best model by CIDEr is kept as `*-best.ckpt`. `--features DIR` trains from a
+feature cache (extract_features.py); `torchrun --nproc_per_node=N train.py ...` on N processes.
 """
 import argparse
 import contextlib

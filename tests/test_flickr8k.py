@@ -13,6 +13,7 @@ import export_model
 import sample
 from conftest import ROOT, TEST_DATA, run_script
 from decoding import Decoding
+from vocabulary import load_vocab
 
 SHIPPED = os.path.join(ROOT, 'models', 'flickr8k')
 
@@ -136,3 +137,30 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
     assert all(torch.equal(w.half().float(), decoder['model'][k].float()) for k, w in exported.items())
     assert (decoder['decoding']['beam_size'], decoder['decoding']['length_penalty'],
             decoder['decoding']['no_repeat']) == (beam, penalty, no_repeat)
+    if scst_steps == '0':  # the same recipe on a CSV of captions, fine-tuning the model just made
+        recipe_from_a_csv_fine_tunes_a_model(tmp_path, data / 'Images', tmp_path / 'model', env)
+
+
+def recipe_from_a_csv_fine_tunes_a_model(tmp_path, images, start, env):
+    """train_recipe.sh CSV IMAGE_DIR with FINETUNE: the CSV is converted (one bad row reported), the
+    model's vocabulary grown with the new words, its weights trained on, and a model exported."""
+    import csv
+    captions = json.load(open(os.path.join(TEST_DATA, 'captions.json')))
+    names = {im['id']: im['file_name'] for im in captions['images']}
+    with open(tmp_path / 'mine.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['file', 'caption'])
+        writer.writerows([names[a['image_id']], ' '.join(a['caption'].split()) + ' zebrafish']
+                         for a in captions['annotations'])
+        writer.writerow(['absent.jpg', 'a photo that is not there'])
+    env = {**env, 'WORK_DIR': str(tmp_path / 'work2'), 'OUTPUT_DIR': str(tmp_path / 'tuned'), 'FINETUNE': str(start),
+           'THRESHOLD': '1', 'EPOCHS': '1', 'SCST_STEPS': '0', 'BEAMS': '3', 'NO_REPEATS': '2'}
+    result = subprocess.run(['bash', os.path.join(ROOT, 'train_recipe.sh'), str(tmp_path / 'mine.csv'), str(images)],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert 'mine.csv:62: ' in result.stderr and 'left out 1 bad rows' in result.stdout
+    assert sorted(os.listdir(tmp_path / 'tuned')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
+    old, new = (load_vocab(str(folder / 'vocab.pkl')) for folder in (start, tmp_path / 'tuned'))
+    assert [new.idx2word[i] for i in range(len(old))] == [old.idx2word[i] for i in range(len(old))]
+    assert 'zebrafish' in new.word2idx and 'zebrafish' not in old.word2idx
+    assert 'cross-entropy training from' in result.stdout
