@@ -57,4 +57,4 @@ def test_the_scripts_defaults_are_the_classic_recipes(monkeypatch, tmp_path):
     monkeypatch.setattr(build_vocab, 'save_vocab', lambda vocab, path: calls.append(path))
     build_vocab.main([])
     assert calls == [('data/train2014/', 'data/resized2014/', 256, 0),
-                     ('data/annotations/captions_train2014.json', 4), 'data/vocab.pkl']
+                     ('data/annotations/captions_train2014.json', 4, None), 'data/vocab.pkl']
