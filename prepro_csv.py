@@ -168,6 +168,8 @@ def main(argv=None):
         rows, photos, bad = convert(args)
     except InputError as e:
         sys.exit(f'error: {e}')
+    except OSError as e:  # --output_dir not a folder, not writable
+        sys.exit(f'error: {e.filename or args.output_dir}: {e.strerror}')
     for line in bad[:SHOWN]:
         print(f'skipped {line}', file=sys.stderr)
     if len(bad) > SHOWN:
