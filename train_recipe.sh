@@ -13,6 +13,9 @@
 # (keep its CNN and IMAGE_SIZE). Seeded. Intermediate files go to WORK_DIR (default data/recipe_work);
 # the model is written to OUTPUT_DIR (default models/mine); both relative to the repo.
 set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # this header and the variables below, with their defaults
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | cut -c3-; grep -E '^[A-Z_]+=\$\{' "$0"; exit 0
+fi
 CAPTIONS=$(realpath "${1:?usage: bash train_recipe.sh CAPTIONS IMAGE_DIR}")  # absolute: the script moves to the repo
 IMAGE_DIR=$(cd "${2:?usage: bash train_recipe.sh CAPTIONS IMAGE_DIR}" && pwd)
 WORK=${WORK_DIR:-data/recipe_work}
