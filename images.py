@@ -1,6 +1,7 @@
-"""Reading images: the one place where any file Pillow can open becomes an upright RGB picture.
+"""Reading images: the one place where any file Pillow can open becomes an upright RGB picture,
+and the model's input made from it.
 
-No torch here, so resize.py starts quickly.
+torch is imported only by the functions that make tensors, so resize.py and prepro_csv.py start quickly.
 """
 import glob
 import math
@@ -9,8 +10,6 @@ import stat
 import warnings
 
 import numpy as np
-import torch
-import torch.utils.data as data
 from PIL import Image, ImageOps
 
 from errors import InputError
@@ -141,6 +140,7 @@ def find_images(values):
 def eval_transform(image_size, mean, std):
     """PIL image -> normalised tensor (3, size, size): the whole image squared with LANCZOS, as the
     classic sample.py does (torchvision's Resize, ToTensor and Normalize, without importing it)."""
+    import torch
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def transform(image):
@@ -149,8 +149,9 @@ def eval_transform(image_size, mean, std):
     return transform
 
 
-class ImageFiles(data.Dataset):
-    """Image files for captioning: (index, tensor), or (index, ImageError) for an unreadable file."""
+class ImageFiles:
+    """Image files for captioning (a map-style data set for a DataLoader): (index, tensor), or
+    (index, ImageError) for an unreadable file."""
 
     def __init__(self, paths, transform):
         self.paths, self.transform = paths, transform
@@ -167,7 +168,8 @@ class ImageFiles(data.Dataset):
     @staticmethod
     def collate(batch):
         """(indices, stacked images or None, [(index, error)]) for a batch."""
-        good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-        errors = [(i, x) for i, x in batch if not isinstance(x, torch.Tensor)]
+        import torch
+        good = [(i, x) for i, x in batch if not isinstance(x, ImageError)]
+        errors = [(i, x) for i, x in batch if isinstance(x, ImageError)]
         images = torch.stack([x for _, x in good]) if good else None
         return [i for i, _ in good], images, errors
