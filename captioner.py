@@ -94,9 +94,8 @@ class Captioner:
 
     def features(self, inputs, cached=False):
         """Image embeddings of a batch of normalised images (B, 3, H, W), or of cached backbone features."""
-        if cached:
-            return self.encoder.project(inputs.to(self.device))
-        return self.encoder(inputs.to(self.device, memory_format=torch.channels_last))
+        layout = {} if cached else {'memory_format': torch.channels_last}
+        return self.encoder.embed(inputs.to(self.device, **layout), cached)
 
     def search(self, features, decoding=None, with_attention=False):
         """decoding.beam_search with `decoding`'s settings (default: the model's) and guard."""

@@ -178,6 +178,10 @@ class EncoderCNN(nn.Module):
     def forward(self, images):
         return self.project(self.backbone_features(images))
 
+    def embed(self, inputs, cached=False):
+        """Image embeddings of images, or of their cached backbone features."""
+        return self.project(inputs) if cached else self(inputs)
+
 
 def word_log_probs(scores):
     """Log-probabilities of the next word from the output layer's scores, in float32 even under

@@ -35,8 +35,7 @@ class EncoderDecoder(nn.Module):
         self.encoder, self.decoder, self.cached = encoder, decoder, cached
 
     def forward(self, inputs, decode):
-        embeddings = self.encoder.project(inputs) if self.cached else self.encoder(inputs)
-        return decode(self.decoder, embeddings)
+        return decode(self.decoder, self.encoder.embed(inputs, self.cached))
 
 
 class CrossEntropy:
