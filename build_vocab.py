@@ -46,12 +46,13 @@ def main(argv=None):
                         'train.py --init_vocab): its words keep their ids, new words come after them')
     args = parser.parse_args(argv)
     try:
-        vocab = build_vocab(args.caption_path, args.threshold, load_vocab(args.extend) if args.extend else None)
+        extended = load_vocab(args.extend) if args.extend else None
+        vocab = build_vocab(args.caption_path, args.threshold, extended)
     except InputError as e:
         sys.exit(f'error: {e}')
     save_vocab(vocab, args.vocab_path)
-    print(f'Total vocabulary size: {len(vocab)}' + (f' ({len(vocab) - len(load_vocab(args.extend))} words added to '
-                                                    f'{args.extend})' if args.extend else ''))
+    print(f'Total vocabulary size: {len(vocab)}' + (f' ({len(vocab) - len(extended)} words added to {args.extend})'
+                                                    if extended else ''))
     print(f"Saved the vocabulary to '{args.vocab_path}'")
 
 

@@ -213,12 +213,15 @@ class Batch:
     owners: torch.Tensor = None  # the input row of each caption
 
     def to(self, device):
-        move = lambda t: None if t is None else t.to(device)
-        return replace(self, inputs=move(self.inputs), captions=move(self.captions), owners=move(self.owners))
+        return self.map_tensors(lambda t: t.to(device))
 
     def pin_memory(self):  # DataLoader(pin_memory=True) calls it
-        pin = lambda t: None if t is None else t.pin_memory()
-        return replace(self, inputs=pin(self.inputs), captions=pin(self.captions), owners=pin(self.owners))
+        return self.map_tensors(lambda t: t.pin_memory())
+
+    def map_tensors(self, change):
+        """This batch with `change` applied to each of its tensors."""
+        apply = lambda t: None if t is None else change(t)
+        return replace(self, inputs=apply(self.inputs), captions=apply(self.captions), owners=apply(self.owners))
 
 
 def collate(samples):
