@@ -67,8 +67,9 @@ def tokenize(caption):
 class _VocabularyUnpickler(pickle.Unpickler):
     """Rebuilds a Vocabulary and plain containers, and refuses anything else.
 
-    The classic vocab.pkl was pickled from a script, so its class is
-    `__main__.Vocabulary`; any module name is accepted for that one class.
+    The classic vocab.pkl was pickled by a script run as the main program, so its class's module
+    is that program's; vocab.pkl files of this repo name build_vocab or vocabulary. Any module
+    name is accepted for that one class.
     """
     SAFE = {('collections', 'OrderedDict'), ('builtins', 'object'), ('copyreg', '_reconstructor'),
             ('__builtin__', 'object'), ('copy_reg', '_reconstructor')}  # protocols 0 and 1
