@@ -60,8 +60,8 @@ def caption_guard(vocab, decoding):
     <unk>; unless it allows holes (has_hole), the caption starts with <start> and has no
     <start> or <pad> after it, does not end (<end>, or the full stop) right after <start>, an
     article or of/in/on/with/at/to/and, nor stops on one when cut off, and puts no article before
-    an article, a preposition, is/are or "and" (NOT_AFTER_ARTICLE); and no phrase of
-    decoding.no_repeat words comes twice."""
+    an article, a preposition, is/are or "and" (NOT_AFTER_ARTICLE); and, unless decoding.no_repeat
+    is 0, no phrase of that many words comes twice and no word twice in a row."""
     def ids(words):
         return [vocab.word2idx[w] for w in words if w in vocab.word2idx]
     holes = not decoding.allow_holes
@@ -79,7 +79,8 @@ class CaptionGuard:
     At the first step only the `first` words (when given); after it, `banned` words never; after
     a word of `after[k][0]`, none of `after[k][1]` (e.g. no full stop right after "a"); at the last
     step, none of `not_last`; and, with `no_repeat` n, no word that would repeat an n-word phrase
-    already in the caption (the trigram blocking of captioning and summarisation codebases).
+    already in the caption (the trigram blocking of captioning and summarisation codebases), nor
+    the word just written (no "sheep sheep", which n-word blocking lets through for n > 1).
     Greedy, beam search and sampling all apply it, so the printed caption is exactly the decoded words.
     """
 
@@ -112,6 +113,8 @@ class CaptionGuard:
         if last_step:
             banned |= self.not_last
         n = self.no_repeat
+        if n:  # never the same word twice in a row ("sheep sheep"), whatever n
+            banned = banned.scatter(1, history[:, -1:], True)
         if n and history.size(1) >= n:
             phrases = history.unfold(1, n, 1)  # (N, t - n + 1, n): every n-word phrase so far
             ending = history[:, None, history.size(1) - (n - 1):]  # the caption's last n - 1 words (none for n = 1)

@@ -1,6 +1,6 @@
 """Package a trained model for shipping: weights only, float16, with its decoding settings.
 
-Writes encoder.ckpt, decoder.ckpt and vocab.pkl into --output_dir, as one unit (all three
+Writes encoder.ckpt, decoder.ckpt and vocab.pkl (and, with --card, README.md) into --output_dir, as one unit (all three
 complete before any replaces an old one). The optimizer and training state are dropped,
 weights are stored as float16 (loaded back as float32), and --beam_size / --length_penalty /
 --no_repeat are recorded so that sample.py and evaluate.py decode with them by default. The
@@ -29,8 +29,15 @@ def export(args):
     dtype = torch.float32 if args.fp32 else torch.float16
     shrink = lambda state: {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     decoding = Decoding(beam_size=args.beam_size, length_penalty=args.length_penalty, no_repeat=args.no_repeat)
+    extra = {paths[2]: pickle.dumps(vocab)}
+    if args.card:
+        try:
+            with open(args.card, 'rb') as f:
+                extra[os.path.join(args.output_dir, args.card_as)] = f.read()
+        except OSError as e:
+            raise InputError(f'{args.card}: cannot read the model card ({e.strerror})') from None
     write_model(paths[0], paths[1], saved.config, decoding, shrink(saved.encoder_state), shrink(saved.decoder_state),
-                vocab_sha=vocab_digest(vocab), extra_files={paths[2]: pickle.dumps(vocab)})
+                vocab_sha=vocab_digest(vocab), extra_files=extra)
     return sum(os.path.getsize(p) for p in paths)
 
 
@@ -46,6 +53,8 @@ def main(argv=None):
                         help='the length penalty to record')
     parser.add_argument('--no_repeat', type=integer(*Decoding.LIMITS['no_repeat']), default=Decoding.no_repeat,
                         help='never repeat a phrase of this many words (0 = allow)')
+    parser.add_argument('--card', metavar='CARD.md', help='a model card, written beside the model as --card_as')
+    parser.add_argument('--card_as', default='README.md', help="the model card's file name in --output_dir")
     parser.add_argument('--fp32', action='store_true', help='keep float32 weights')
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,8 @@
 # 10% for test). IMAGE_DIR holds the photos. FINETUNE=models/flickr8k starts from that model
 # instead of from scratch: its vocabulary is extended with the new words and its weights trained on
 # (keep its CNN and IMAGE_SIZE). Seeded. Intermediate files go to WORK_DIR (default data/recipe_work);
-# the model is written to OUTPUT_DIR (default models/mine); both relative to the repo.
+# the model is written to OUTPUT_DIR (default models/mine); both relative to the repo. A re-run
+# with the same settings continues the run in WORK_DIR; with others it is refused unless OVERWRITE=1.
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # this header and the variables below, with their defaults
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | cut -c3-; grep -E '^[A-Z_]+=\$\{' "$0"; exit 0
@@ -39,6 +40,31 @@ cd "$(dirname "$0")"
 start=$SECONDS
 step() { echo; echo "== [$(( (SECONDS - start) / 60 )) min] $*"; }
 
+# A work folder belongs to one run: its settings are recorded there. A re-run with the same settings
+# continues it (finished stages are skipped, a killed one resumes); other settings are refused unless
+# OVERWRITE=1, which starts the run over (the feature caches are kept while the photos, CNN and size are).
+SETTINGS=(CAPTIONS IMAGE_DIR FINETUNE THRESHOLD CNN IMAGE_SIZE EPOCHS LEARNING_RATE SCST_STEPS BLENDS CE_MEAN BEAMS
+          PENALTIES NO_REPEATS VAL_IMAGES SEED)
+record=$WORK/recipe_settings.txt
+current=$(for name in "${SETTINGS[@]}"; do printf '%s=%s\n' "$name" "${!name}"; done)
+if [[ -f $record ]]; then
+    changed=$(diff <(cat "$record") <(echo "$current") | sed -n 's/^> //p' | cut -d= -f1 | tr '\n' ' ' || true)
+    if [[ -z $changed ]]; then
+        echo "== continuing the run in $WORK (same settings): finished stages are skipped, an unfinished one resumes"
+    elif [[ -n ${OVERWRITE:-} ]]; then
+        echo "== OVERWRITE=1: starting the run in $WORK over (changed: $changed)"
+        rm -rf "$WORK/models" "$WORK"/dev_results_* "$WORK"/dev_scores_*
+        if grep -qwE 'CAPTIONS|IMAGE_DIR|CNN|IMAGE_SIZE' <<< "$changed"; then rm -rf "$WORK"/features_*; fi
+    else
+        name=${changed%% *}
+        echo "error: $WORK holds a run with $(grep "^$name=" "$record"), not $name=${!name}: rerun with its settings" \
+             "to continue it, OVERWRITE=1 to start it over with these, or another WORK_DIR" >&2
+        exit 1
+    fi
+fi
+mkdir -p "$WORK"
+echo "$current" > "$record"
+
 if [[ -f $CAPTIONS ]]; then
     step "1/7 COCO-format caption files from $CAPTIONS"
     "$PYTHON" prepro_csv.py --captions "$CAPTIONS" --image_dir "$IMAGE_DIR" --output_dir "$WORK"
@@ -46,7 +72,6 @@ if [[ -f $CAPTIONS ]]; then
 else
     step "1/7 COCO-format caption files: those in $CAPTIONS"
 fi
-mkdir -p "$WORK"
 for split in train dev; do
     [[ $CAPTIONS/captions_$split.json -ef $WORK/captions_$split.json ]] || cp "$CAPTIONS/captions_$split.json" "$WORK/"
 done
@@ -124,8 +149,46 @@ for stage in '${stages[*]}'.split():
                 scores = json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}-lp{penalty}-nr{no_repeat}.json'))
                 found.append((stage, beam, penalty, no_repeat, scores['CIDEr']))
 print(*max(found, key=lambda f: f[4]))")
-step "7/7 export of the $best model as float16, decoding with beam $beam, length penalty $penalty and no_repeat $no_repeat (dev CIDEr $cider)"
+dev_sets=("$WORK"/captions_dev_*.json)  # one file per dev collection (prepro_merge.py), scored side by side
+[[ -e ${dev_sets[0]} ]] || dev_sets=("$WORK/captions_dev.json")
+step "7/7 the $best model's dev scores, decoding with beam $beam, length penalty $penalty and no_repeat $no_repeat (dev CIDEr $cider), then its export as float16"
+card=$WORK/model_card.md
+{
+    echo "# $(basename "$OUT"): a captioning model trained by train_recipe.sh"
+    echo
+    echo "$CNN + soft-attention LSTM, the repo's recipe: $EPOCHS cross-entropy epochs${FINETUNE:+ from $FINETUNE}," \
+         "then $SCST_STEPS self-critical steps; exported: the $best checkpoint, beam $beam, length penalty $penalty," \
+         "no_repeat $no_repeat. It knows the photos it was trained on and little else."
+    echo
+    echo "| data | photos | captions |"; echo "| --- | --- | --- |"
+    for split in train dev; do
+        "$PYTHON" -c "import json; d = json.load(open('$WORK/captions_$split.json'))
+print(f'| $split | {len(d[\"images\"])} | {len(d[\"annotations\"])} |')"
+    done
+    echo
+    echo "| dev set | photos | BLEU-4 | CIDEr |"; echo "| --- | --- | --- | --- |"
+    for dev in "${dev_sets[@]}"; do
+        name=$(basename "$dev" .json)
+        "$PYTHON" evaluate.py --caption_path "$dev" --features "$WORK/features_dev" \
+            --encoder_path "$WORK/models/encoder-$best.ckpt" --decoder_path "$WORK/models/decoder-$best.ckpt" \
+            --vocab_path "$WORK/vocab.pkl" --beam_size "$beam" --length_penalty "$penalty" --no_repeat "$no_repeat" \
+            --output "$WORK/final_results_$name.json" --scores "$WORK/final_scores_$name.json" > /dev/null
+        "$PYTHON" -c "import json; s = json.load(open('$WORK/final_scores_$name.json'))
+n = len(json.load(open('$WORK/final_results_$name.json')))
+print(f'| ${name#captions_} | {n} | {s[\"Bleu_4\"]:.3f} | {s[\"CIDEr\"]:.3f} |')"
+    done
+    echo
+    echo "Trained in $(( (SECONDS - start) / 60 )) min with:"
+    echo
+    echo '```'
+    for name in "${SETTINGS[@]}"; do [[ -z ${!name} ]] || printf '%s=%q ' "$name" "${!name}"; done
+    echo "bash train_recipe.sh CAPTIONS IMAGE_DIR"
+    echo '```'
+} > "$card"
+sed -n '/^| dev set/,/^$/p' "$card"
+card_as=README.md  # unless OUT holds a model card of its own (models/flickr8k's), which is kept
+if [[ -f $OUT/README.md ]] && ! head -1 "$OUT/README.md" | grep -q 'trained by train_recipe.sh'; then card_as=training.md; fi
 "$PYTHON" export_model.py --encoder_path "$WORK/models/encoder-$best.ckpt" \
     --decoder_path "$WORK/models/decoder-$best.ckpt" --vocab_path "$WORK/vocab.pkl" --output_dir "$OUT" \
-    --beam_size "$beam" --length_penalty "$penalty" --no_repeat "$no_repeat"
-step "done: $OUT"
+    --beam_size "$beam" --length_penalty "$penalty" --no_repeat "$no_repeat" --card "$card" --card_as "$card_as"
+step "done: $OUT (what it was trained on and its dev scores: $OUT/$card_as)"
