@@ -26,21 +26,34 @@ from metrics import bootstrap_intervals, score
 
 
 def read_results(path, images):
-    """A COCO results file [{"image_id", "caption"}] -> {image_id: caption}, checked against `images`."""
+    """A results file -> {image_id: caption}, checked against `images` ({image_id: file_name}).
+
+    Each entry names its image by COCO's "image_id", or by "file_name" (as sample.py --output writes
+    it: the annotations' file name, or a path ending in it)."""
     results = read_json(path, 'results file')
     if not isinstance(results, list):
-        raise InputError(f'{path}: not a COCO results file (a list of {{"image_id", "caption"}})')
+        raise InputError(f'{path}: not a COCO results file (a list of {{"image_id" or "file_name", "caption"}})')
+    by_name = {name: i for i, name in images.items()}
     predictions = {}
     for i, result in enumerate(results):
-        if not isinstance(result, dict) or 'image_id' not in result or not isinstance(result.get('caption'), str):
-            raise InputError(f"{path}: [{i}] lacks an 'image_id' or a 'caption' string")
-        image_id = result['image_id']
+        if not isinstance(result, dict) or not isinstance(result.get('caption'), str) or \
+                ('image_id' not in result and not isinstance(result.get('file_name'), str)):
+            raise InputError(f"{path}: [{i}] lacks an 'image_id' (or 'file_name') or a 'caption' string")
+        named = image_named(result['file_name'], by_name) if isinstance(result.get('file_name'), str) else None
+        image_id = named if named is not None else result.get('image_id')  # the file name first: it is unambiguous
         if image_id not in images:
-            raise InputError(f'{path}: [{i}] image_id {image_id!r} is not in the annotations')
+            what = f"image_id {image_id!r}" if 'image_id' in result else f"file_name {result['file_name']!r}"
+            raise InputError(f'{path}: [{i}] {what} is not in the annotations')
         if image_id in predictions:
             raise InputError(f'{path}: image_id {image_id!r} has more than one caption')
         predictions[image_id] = result['caption']
     return dict(zip(predictions, bounded_captions(path, list(predictions.values()))))
+
+
+def image_named(path, by_name):
+    """The image id whose annotated file name `path` is, or ends in (a folder before it); None if none."""
+    parts = path.replace('\\', '/').split('/')
+    return next((by_name[name] for name in ('/'.join(parts[k:]) for k in range(len(parts))) if name in by_name), None)
 
 
 def caption_split(captioner, images, image_dir, batch_size=16, num_workers=2):
@@ -80,8 +93,8 @@ def main(argv=None):
     parser.add_argument('--features', help="caption from this feature cache of the split's images "
                                            '(extract_features.py) instead of --image_dir')
     parser.add_argument('--results', help='score this existing results file instead of captioning')
-    parser.add_argument('--output', default='results.json', help='where to write the predictions (COCO results)')
-    parser.add_argument('--scores', default='scores.json', help='where to write the scores (JSON)')
+    parser.add_argument('--output', help='write the predictions here (COCO results: image_id, file_name, caption)')
+    parser.add_argument('--scores', help='write the scores here (JSON)')
     parser.add_argument('--bootstrap', type=integer(0, 100_000), default=0,
                         help='also give 95%% intervals of BLEU-4, METEOR and CIDEr from this many resamples of the '
                              'images (0 = none; 1000 is usual)')
@@ -96,8 +109,9 @@ def main(argv=None):
             predictions = caption_cache(captioner, args.caption_path, args.features, args.batch_size) \
                 if args.features else caption_split(captioner, images, args.image_dir, args.batch_size,
                                                     args.num_workers)
-            with open(args.output, 'w') as f:
-                json.dump([{'image_id': i, 'caption': c} for i, c in predictions.items()], f)
+            if args.output:
+                with open(args.output, 'w') as f:
+                    json.dump([{'image_id': i, 'file_name': images[i], 'caption': c} for i, c in predictions.items()], f)
     except InputError as e:
         sys.exit(f'error: {e}')
     references = group_captions((a['image_id'], a['caption']) for a in annotations)
@@ -107,13 +121,17 @@ def main(argv=None):
     print(f'scoring {count} images that have both a prediction and references', file=sys.stderr)
     scores = score(references, predictions)
     intervals = bootstrap_intervals(references, predictions, args.bootstrap) if args.bootstrap else {}
-    with open(args.scores, 'w') as f:
-        json.dump({**scores, **{f'{name}_95': list(bounds) for name, bounds in intervals.items()}}, f, indent=1)
+    if args.scores:
+        with open(args.scores, 'w') as f:
+            json.dump({**scores, **{f'{name}_95': list(bounds) for name, bounds in intervals.items()}}, f, indent=1)
     print(f'{"metric":<8} {"score":>7}   ({count} images' + (f'; 95% interval, {args.bootstrap} bootstrap resamples '
                                                            'of the images)' if intervals else ')'))
     for name, value in scores.items():
         bounds = f'   [{intervals[name][0]:.4f}, {intervals[name][1]:.4f}]' if name in intervals else ''
         print(f'{name:<8} {value:7.4f}{bounds}')
+    written = [f'{what} in {path}' for what, path in (('predictions', args.output), ('scores', args.scores)) if path]
+    if written:
+        print(f'wrote {" and ".join(written)}', file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,8 @@ def main(argv=None):
     parser.add_argument('--image', nargs='+', required=True, help='image files, folders or globs to caption')
     add_model_args(parser)
     parser.add_argument('--save', metavar='FILE.png', help='one image: also write it with its caption')
-    parser.add_argument('--output', metavar='results.json', help='write [{"file_name", "caption"}] here')
+    parser.add_argument('--output', metavar='results.json', help='write [{"image_id", "file_name", "caption"}] here '
+                        '(evaluate.py --results reads it; image_id: the number in a COCO file name, else the name)')
     parser.add_argument('--sheet', metavar='FILE.png', help='draw a contact sheet of the images and captions')
     parser.add_argument('--attention', metavar='FIG.png|DIR', help='attention decoder: draw where the model looked '
                         'for each word into FIG.png; with several images give a folder (DIR), which gets one '
@@ -55,13 +56,20 @@ def main(argv=None):
             print(f'{path}\t{caption}', flush=True)
     if args.output:
         with open(args.output, 'w') as f:
-            json.dump([{'file_name': p, 'caption': c} for p, c in results], f, indent=1)
+            json.dump([{'image_id': image_id(p), 'file_name': p, 'caption': c} for p, c in results], f, indent=1)
     if args.save and image is not None:
         save_captioned(image, results[0][1], args.save)
     if args.sheet and results:
         save_contact_sheet(results, args.sheet)
     if len(results) < len(paths):
         sys.exit(f'error: {len(paths) - len(results)} of {len(paths)} images could not be read')
+
+
+def image_id(path):
+    """COCO's id of a COCO file name (000000000139.jpg, COCO_val2014_000000000042.jpg), else the file name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    digits = stem.rsplit('_', 1)[-1]
+    return int(digits) if digits.isdigit() else os.path.basename(path)
 
 
 def caption_with_attention(captioner, paths, image, target):

@@ -212,3 +212,25 @@ def test_bootstrap_gives_reproducible_95_percent_intervals(tmp_path, capsys):
         low, high = found[0][f'{name}_95']
         assert low < found[0][name] < high, name
     assert '95% interval, 100 bootstrap resamples of the images' in capsys.readouterr().out
+
+
+def test_sample_output_is_scored_by_evaluate_and_nothing_unnamed_is_written(tiny_model, tmp_path, monkeypatch, capsys):
+    import sample
+    monkeypatch.chdir(tmp_path)
+    images = os.path.join(TEST_DATA, 'images')
+    caption_path = os.path.join(TEST_DATA, 'captions.json')
+    model = ['--encoder_path', tiny_model['encoder'], '--decoder_path', tiny_model['decoder'],
+             '--vocab_path', tiny_model['vocab'], '--device', 'cpu', '--num_workers', '0']
+    sample.main(['--image', images, '--output', 'mine.json', *model])
+    written = json.loads((tmp_path / 'mine.json').read_text())
+    assert written[0]['image_id'] == 790 and written[0]['file_name'].endswith('000000000790.jpg')
+    capsys.readouterr()
+    evaluate.main(['--caption_path', caption_path, '--results', 'mine.json'])
+    assert 'CIDEr' in capsys.readouterr().out
+    old = [{'file_name': r['file_name'], 'caption': r['caption']} for r in written]  # sample.py's earlier format
+    (tmp_path / 'old.json').write_text(json.dumps(old))
+    evaluate.main(['--caption_path', caption_path, '--results', 'old.json'])
+    evaluate.main(['--caption_path', caption_path, '--image_dir', images, *model])
+    assert sorted(os.listdir(tmp_path)) == ['mine.json', 'old.json']  # no results.json, no scores.json
+    evaluate.main(['--caption_path', caption_path, '--image_dir', images, '--scores', 's.json', *model])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == 'wrote scores in s.json'
