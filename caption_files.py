@@ -20,7 +20,8 @@ def _reading(path, what):
     try:
         yield
     except FileNotFoundError:
-        raise InputError(f'{path}: no such {what}') from None
+        hint = ' (bash download.sh gets COCO\'s; prepro_*.py convert other sets)' if what == 'caption file' else ''
+        raise InputError(f'{path}: no such {what}{hint}') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f'{path}: not valid JSON ({e})') from None
     except OSError as e:

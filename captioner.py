@@ -150,7 +150,10 @@ class Captioner:
         return self.config.decoder == 'attention'
 
     def caption(self, image, decoding=None):
-        """The caption of one image (a file path, an open file, or a PIL image)."""
+        """The caption of one image (a file path, an open file, or a PIL image); of a list of them, the list
+        of their captions."""
+        if isinstance(image, (list, tuple)):
+            return [self.caption(one, decoding) for one in image]
         return self.caption_batch(self.transform(self.opened(image))[None], decoding=decoding)[0]
 
     def attend(self, image, decoding=None):

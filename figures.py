@@ -2,6 +2,7 @@
 
 Matplotlib is imported only here, and only when a figure is drawn.
 """
+import os
 import textwrap
 
 import numpy as np
@@ -30,21 +31,23 @@ def save_captioned(image, caption, path):
 
 
 def save_contact_sheet(results, path, columns=4):
-    """A grid of the images (path, caption), each with its caption in its own space below it."""
+    """A grid of the images (path, caption), each with its file name and caption below it."""
     plt = _pyplot()
+    columns = min(columns, len(results))
     rows = (len(results) + columns - 1) // columns
-    fig = plt.figure(figsize=(3.2 * columns, 4.3 * rows))
-    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[3.2, 1.1] * rows, hspace=0.05, wspace=0.08)
+    fig = plt.figure(figsize=(3.2 * columns, 4.0 * rows))
+    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[3.2, 0.8] * rows, hspace=0.02, wspace=0.05)
     for i, (image_path, caption) in enumerate(results):
         row, column = divmod(i, columns)
         picture, text = fig.add_subplot(grid[2 * row, column]), fig.add_subplot(grid[2 * row + 1, column])
         image = open_image(image_path)
         image.thumbnail((320, 320))
         picture.imshow(image)
-        text.text(0.5, 1.0, '\n'.join(textwrap.wrap(caption, 34)), fontsize=9, ha='center', va='top')
+        text.text(0.5, 1.0, os.path.basename(image_path), fontsize=8, ha='center', va='top', color='0.35')
+        text.text(0.5, 0.78, '\n'.join(textwrap.wrap(caption, 34)), fontsize=9, ha='center', va='top')
         for ax in (picture, text):
             ax.axis('off')
-    fig.savefig(path, dpi=90, bbox_inches='tight')
+    fig.savefig(path, dpi=90, bbox_inches='tight', pad_inches=0.1)
     plt.close(fig)
 
 
@@ -64,7 +67,7 @@ def attention_figure(image, words, weights, columns=5):
         fig.delaxes(ax)
     axes = axes.flat
     axes[0].imshow(image)
-    axes[0].set_title(' '.join(words), fontsize=7, wrap=True)
+    axes[0].set_title('the photo', fontsize=11)  # the caption is the panels' titles, read left to right
     for ax, word, weight in zip(axes[1:], words, weights):
         heat = Image.fromarray(np.asarray(weight, dtype=np.float32), 'F').resize(image.size, Image.BICUBIC)
         ax.imshow(image)

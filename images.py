@@ -49,7 +49,7 @@ def _to_8bit(image):
     return Image.fromarray(out, 'L')
 
 
-def _to_rgb(image):
+def _to_rgb(image, name):
     """Convert any Pillow mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
     if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
         image = _to_8bit(image)
@@ -57,6 +57,8 @@ def _to_rgb(image):
         image = image.convert('RGBA')
     if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
         image = image.convert('RGBA')
+        if image.getchannel('A').getextrema()[1] == 0:
+            raise ImageError(f'{name}: fully transparent: there is nothing to see in it')
         background = Image.new('RGBA', image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image if image.mode == 'RGB' else image.convert('RGB')
@@ -95,7 +97,7 @@ def open_image(path, min_size=None):
                 _within_budget(image, name, min_size)
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)
-                return _to_rgb(image)
+                return _to_rgb(image, name)
     except ImageError:
         raise
     except FileNotFoundError:

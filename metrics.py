@@ -1,6 +1,7 @@
 """Caption metrics: the standard COCO scores (pycocoevalcap's own scorers), CIDEr-D, and the check
 for a fault a reader notices first, a repeated phrase (holes are decoding.has_hole: the rule)."""
 import contextlib
+import io
 import math
 import os
 import shutil
@@ -43,7 +44,7 @@ def score(references, predictions, metrics=METRICS):
     if not java:
         print('java not found: the PTB tokenizer is approximated in Python; METEOR and SPICE skipped '
               '(install a Java runtime for the official figures)', file=log)
-    with contextlib.redirect_stdout(log):  # the scorers print their progress on stdout
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers' debug prints ({'testlen': ...}, ratio) are dropped
         gts = tokenize_for_scoring({i: references[i] for i in ids})
         res = tokenize_for_scoring({i: [predictions[i]] for i in ids})
         scores = {}
@@ -59,9 +60,7 @@ def score(references, predictions, metrics=METRICS):
             scores['CIDEr'], _ = Cider().compute_score(gts, res)
         if 'SPICE' in metrics and java:
             if not _spice_ready():
-                print('SPICE skipped: its Stanford CoreNLP models are not installed (pycocoevalcap fetches them '
-                      'with: python -c "from pycocoevalcap.spice.get_stanford_models import get_stanford_models; '
-                      'get_stanford_models()")', file=log)
+                print('SPICE skipped: its Stanford CoreNLP models are not installed', file=log)
             else:
                 try:
                     from pycocoevalcap.spice.spice import Spice
@@ -81,7 +80,7 @@ def bootstrap_intervals(references, predictions, samples=1000, seed=0):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     ids = [i for i in predictions if i in references]
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(io.StringIO()):
         gts = tokenize_for_scoring({i: references[i] for i in ids})
         res = tokenize_for_scoring({i: [predictions[i]] for i in ids})
         cider = dict(zip(ids, Cider().compute_score(gts, res)[1]))

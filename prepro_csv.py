@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from caption_files import group_captions, write_coco
 from errors import InputError, integer, number, script_parser
-from images import ImageError, open_image
+from images import IMAGE_EXTENSIONS, ImageError, open_image
 
 SPLITS = {'train': 'train', 'dev': 'dev', 'val': 'dev', 'test': 'test'}
 SHOWN = 50  # bad rows listed one by one; the rest are counted
@@ -76,8 +76,12 @@ def pick_column(path, records, asked, choices, required=True):
         if name in seen:
             return name
     if required and records:
-        raise InputError(f'{path}: no column {" or ".join(repr(c) for c in ([asked] if asked else choices))} '
-                         f'(columns: {", ".join(sorted(seen)) or "none"}); name it with the flags')
+        wanted = " or ".join(repr(c) for c in ([asked] if asked else choices))
+        if any(key.lower().endswith(IMAGE_EXTENSIONS) for key in seen):  # the first row names a photo: no header
+            raise InputError(f'{path}: no header row (its first line names a photo): add the line "file,caption" '
+                             f'above the first row')
+        raise InputError(f'{path}: no column {wanted} (columns: {", ".join(sorted(seen)) or "none"}); rename the '
+                         f'column in the header, or name it with --file_column / --caption_column')
     return None
 
 

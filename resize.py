@@ -83,7 +83,8 @@ def main(argv=None):
     parser.add_argument('--num_workers', type=integer(0), default=0, help='processes (0 = one per core)')
     args = parser.parse_args(argv)
     if not os.path.isdir(args.image_dir):
-        sys.exit(f'error: {args.image_dir}: no such folder')
+        sys.exit(f'error: {args.image_dir}: no such folder (bash download.sh gets COCO\'s images, or name yours with '
+                 f'--image_dir)')
     try:
         resized, skipped, failed = resize_images(args.image_dir, args.output_dir, args.image_size, args.num_workers)
     except InputError as e:  # a full disk: what was resized stays, and a rerun goes on from there

@@ -276,6 +276,7 @@ class Trainer:
                 expected = min(self.per_batch, sampler.num_samples - (state.step - 1) * self.per_batch)
                 state.skipped += expected - (0 if batch is None else len(batch.inputs))  # unreadable images
                 self.step(batch, bar)
+                self.estimate(total)
                 epoch_done = state.step == total
                 name = f'{state.epoch}-{state.step}'
                 if epoch_done:
@@ -286,6 +287,17 @@ class Trainer:
                     return bool(self.stop.signum)
         self.end_epoch()  # the data ran out before `total` batches (not expected; never loop without a step)
         return bool(self.stop.signum)
+
+    def estimate(self, total, measured=5):
+        """Once, `measured` steps after the first of this process: the time left, from their pace."""
+        self.timing = getattr(self, 'timing', None) or (time.time(), 0)
+        started, steps = self.timing
+        self.timing = (started, steps + 1)
+        if steps + 1 == measured + 1 and self.main_process:
+            pace = (time.time() - started) / measured
+            left = total - self.state.step + (self.args.num_epochs - self.state.epoch) * total
+            tqdm.write(f'time: {pace:.2f} s a step over the first {measured}: the {left} steps left take about '
+                       f'{left * pace / 60:.0f} min (validation not included)', file=sys.stderr)
 
     def set_learning_rate(self):
         if self.args.lr_decay_every:
@@ -378,7 +390,9 @@ class Trainer:
         if args.resume == 'latest':
             found = step_checkpoints(args.model_path, self.objective.tag)
             if not found:
-                print(f'no checkpoint in {args.model_path} yet: starting afresh', file=sys.stderr)
+                origin = f'from --init_from {args.init_from}' if args.init_from else 'from scratch'
+                print(f'--resume latest: no checkpoint of this run in {args.model_path} yet, so it starts {origin}',
+                      file=sys.stderr)
                 return False
         decoder_path = found[-1] if args.resume == 'latest' else model_files(args.resume)[1]
         saved = self.start_from(*model_files(decoder_path))

@@ -148,7 +148,8 @@ for stage in '${stages[*]}'.split():
             for no_repeat in '$NO_REPEATS'.split():
                 scores = json.load(open(f'$WORK/dev_scores_{stage}-beam{beam}-lp{penalty}-nr{no_repeat}.json'))
                 found.append((stage, beam, penalty, no_repeat, scores['CIDEr']))
-print(*max(found, key=lambda f: f[4]))")
+*best, cider = max(found, key=lambda f: f[4])
+print(*best, f'{cider:.3f}')")
 dev_sets=("$WORK"/captions_dev_*.json)  # one file per dev collection (prepro_merge.py), scored side by side
 [[ -e ${dev_sets[0]} ]] || dev_sets=("$WORK/captions_dev.json")
 step "7/7 the $best model's dev scores, decoding with beam $beam, length penalty $penalty and no_repeat $no_repeat (dev CIDEr $cider), then its export as float16"

@@ -88,7 +88,8 @@ def load_vocab(path):
         with open(path, 'rb') as f:
             vocab = _VocabularyUnpickler(f).load()
     except FileNotFoundError:
-        raise InputError(f'{path}: no such vocabulary file') from None
+        raise InputError(f'{path}: no such vocabulary file (build_vocab.py makes one from the training '
+                         f'captions)') from None
     except Exception as e:  # noqa: BLE001 -- any unpickling failure means the file is not a vocabulary
         raise InputError(f'{path}: not a usable vocabulary ({e})') from None
     if not isinstance(vocab, Vocabulary) or not isinstance(getattr(vocab, 'word2idx', None), dict) \

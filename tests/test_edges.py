@@ -381,3 +381,27 @@ def test_a_damaged_cache_is_refused_in_one_line(tmp_path):
         train.main(train_args(folder, tmp_path / 'm', '--features', str(cache)))
     assert str(refused.value) == (f'error: {cache / "index.json"}: damaged (not valid JSON); delete the cache folder '
                                   'and run extract_features.py again')
+
+
+def test_a_fully_transparent_image_is_refused_not_captioned(tmp_path):
+    Image.new('RGBA', (40, 30), (10, 200, 30, 0)).save(tmp_path / 'clear.png')
+    with pytest.raises(ImageError) as refused:
+        open_image(str(tmp_path / 'clear.png'))
+    assert str(refused.value) == f'{tmp_path / "clear.png"}: fully transparent: there is nothing to see in it'
+    Image.new('RGBA', (40, 30), (10, 200, 30, 1)).save(tmp_path / 'faint.png')
+    assert open_image(str(tmp_path / 'faint.png')).size == (40, 30)
+
+
+def test_a_list_of_images_gets_a_list_of_captions():
+    captioner = Captioner.load(device='cpu')
+    paths = [os.path.join(ROOT, 'png', name) for name in ('skateboarder.jpg', 'example.png')]
+    assert captioner.caption(paths) == [captioner.caption(path) for path in paths]
+    assert len(captioner.caption(paths)) == 2
+
+
+def test_training_says_how_long_it_will_take(tmp_path, capsys):
+    folder = make_scenes(tmp_path)
+    assert train.main(train_args(folder, tmp_path / 'models', '--num_epochs', '3')) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('time: ')]
+    assert len(lines) == 1 and ' s a step over the first 5: the ' in lines[0], lines
+    assert lines[0].endswith(' min (validation not included)')

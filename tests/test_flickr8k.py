@@ -159,8 +159,19 @@ def recipe_from_a_csv_fine_tunes_a_model(tmp_path, images, start, env):
                             cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert 'mine.csv:62: ' in result.stderr and 'left out 1 bad rows' in result.stdout
-    assert sorted(os.listdir(tmp_path / 'tuned')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
+    assert sorted(os.listdir(tmp_path / 'tuned')) == ['README.md', 'decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
+    card = (tmp_path / 'tuned' / 'README.md').read_text()
+    assert 'trained by train_recipe.sh' in card and '| dev |' in card and 'EPOCHS=1' in card, card
+    assert result.stdout.strip().splitlines()[-1].endswith(f"done: {tmp_path / 'tuned'} (what it was trained on and "
+                                                          f"its dev scores: {tmp_path / 'tuned'}/README.md)")
+    refused = subprocess.run(['bash', os.path.join(ROOT, 'train_recipe.sh'), str(tmp_path / 'mine.csv'), str(images)],
+                             cwd=tmp_path, capture_output=True, text=True, env={**env, 'EPOCHS': '2'}, timeout=900)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"error: {tmp_path / 'work2'} holds a run with EPOCHS=1, not EPOCHS=2: rerun with its settings to continue "
+        f"it, OVERWRITE=1 to start it over with these, or another WORK_DIR")
+    assert 'cross-entropy' not in refused.stdout  # refused before any stage ran
     old, new = (load_vocab(str(folder / 'vocab.pkl')) for folder in (start, tmp_path / 'tuned'))
     assert [new.idx2word[i] for i in range(len(old))] == [old.idx2word[i] for i in range(len(old))]
     assert 'zebrafish' in new.word2idx and 'zebrafish' not in old.word2idx
     assert 'cross-entropy training from' in result.stdout
+    assert f'no checkpoint of this run in {tmp_path / "work2" / "models"} yet, so it starts from --init_from' in result.stderr

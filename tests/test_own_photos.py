@@ -137,3 +137,15 @@ def test_a_model_grows_its_vocabulary_for_new_words_and_keeps_the_old_ones(tmp_p
     with pytest.raises(SystemExit, match='does not begin with its words'):  # a vocabulary built afresh
         train.main(train_args(folder, tmp_path / 'bad', '--vocab_path', str(tmp_path / 'fresh.pkl'), '--init_from',
                               paths[1], '--init_vocab', str(folder / 'vocab.pkl')))
+
+
+def test_a_csv_without_a_header_is_told_to_add_one(tmp_path):
+    images = tmp_path / 'photos'
+    images.mkdir()
+    Image.new('RGB', (8, 8)).save(images / 'a.jpg')
+    (tmp_path / 'bare.csv').write_text('a.jpg,a dog runs\na.jpg,a dog plays\n')
+    with pytest.raises(SystemExit) as refused:
+        prepro_csv.main(['--captions', str(tmp_path / 'bare.csv'), '--image_dir', str(images),
+                         '--output_dir', str(tmp_path / 'out')])
+    assert str(refused.value) == (f'error: {tmp_path / "bare.csv"}: no header row (its first line names a photo): '
+                                  f'add the line "file,caption" above the first row')

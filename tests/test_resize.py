@@ -82,4 +82,5 @@ def test_resize_uses_lanczos_like_the_classic_recipe(tmp_path):
 
 def test_missing_image_dir_is_one_line_error(tmp_path):
     result = run_script('resize.py', '--image_dir', str(tmp_path / 'nope'), '--output_dir', str(tmp_path / 'o'))
-    assert result.returncode != 0 and result.stderr.strip() == f'error: {tmp_path / "nope"}: no such folder'
+    assert result.returncode != 0 and result.stderr.strip() == f'error: {tmp_path / "nope"}: no such folder ' \
+        "(bash download.sh gets COCO's images, or name yours with --image_dir)"
