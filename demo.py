@@ -215,7 +215,7 @@ def build_page(demo):
                     'on Flickr8k: it knows people, dogs and outdoor scenes, and little else.')
         with gr.Row():
             with gr.Column():
-                photo = gr.File(label='photo', file_types=['image'], type='filepath')
+                photo = gr.File(label='photo', type='filepath')  # any file: one that is no image gets a message
                 beam_size = gr.Slider(1, MAX_BEAMS, value=min(decoding.beam_size, MAX_BEAMS), step=1,
                                       label='beam size')
                 length_penalty = gr.Slider(0, 2, value=decoding.length_penalty, step=0.1, label='length penalty')
@@ -223,16 +223,19 @@ def build_page(demo):
             with gr.Column():
                 caption = gr.Textbox(label='caption', elem_id='caption')
                 shown = gr.Image(label='the photo', type='pil', height=260, elem_id='shown', buttons=[])
-                beams = gr.Dataframe(headers=['beam', 'score'], label='best beams', interactive=False,
+                beams = gr.Dataframe(headers=['beam', 'score'], interactive=False,
+                                     label='best beams (score: log-probability / length ** length penalty; '
+                                           'nearer 0 is likelier)',
                                      column_widths=['82%', '18%'], buttons=[], elem_id='beams')
         gr.Markdown('### Where the model looked, word by word')
         figure = gr.Image(show_label=False, type='pil', buttons=['download'], elem_id='attention')
         gr.Examples(EXAMPLES, inputs=photo)
         inputs, outputs = [photo, beam_size, length_penalty], [caption, beams, figure, shown]
         button.click(demo.answer, inputs, outputs, api_name='caption')
-        photo.upload(demo.answer, inputs, outputs, api_visibility='private')
+        # An upload, an example clicked and a changed setting (dragged, or typed and Enter) all re-caption.
+        photo.change(demo.answer, inputs, outputs, api_visibility='private')
         for slider in (beam_size, length_penalty):
-            slider.release(demo.answer, inputs, outputs, api_visibility='private')
+            slider.change(demo.answer, inputs, outputs, api_visibility='private', trigger_mode='always_last')
     return page
 
 
@@ -246,7 +249,7 @@ def remove_leftovers(parent):
 
 def parse_args(argv=None):
     parser = script_parser(__doc__)
-    parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: this machine only)')
+    parser.add_argument('--host', default='127.0.0.1', help='address to listen on: 127.0.0.1 is this machine only, 0.0.0.0 every network it is on')
     parser.add_argument('--port', type=integer(1, 65535), default=7860, help='port to listen on')
     parser.add_argument('--max_upload_mb', type=number(above=0, high=1024), default=10,
                         help='largest request accepted (one photo, or a few)')

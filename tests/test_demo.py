@@ -221,6 +221,12 @@ def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
         assert upload(PHOTOS[1], sample_captions['surfers.jpg']) == sample_captions['surfers.jpg']
         assert page.locator('#shown img').count() == 1  # the photo as read is shown
         assert upload(tmp_path / 'corrupt.jpg', 'error:') == 'error: corrupt.jpg: not an image Pillow can read'
+        (tmp_path / 'notes.txt').write_text('not a photo')
+        assert upload(tmp_path / 'notes.txt', 'error:') == 'error: notes.txt: not an image Pillow can read'
+        assert page.locator('#shown img').count() == 0  # the last photo is not left on screen
+        page.get_by_role('button', name='Clear').first.click()
+        page.get_by_text('skiers.jpg').first.click()  # an example: captioned at once, as an upload
+        wait_for(sample_captions['skiers.jpg'])
         assert upload(PHOTOS[0], sample_captions['example.png']) == sample_captions['example.png']
         page.wait_for_timeout(1500)  # let the attention figure arrive
         heading = page.get_by_text('Where the model looked, word by word').bounding_box()

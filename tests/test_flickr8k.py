@@ -102,7 +102,7 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert '== [' in result.stdout and '7/7' in result.stdout
-    assert sorted(os.listdir(tmp_path / 'model')) == ['decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
+    assert sorted(os.listdir(tmp_path / 'model')) == ['README.md', 'decoder.ckpt', 'encoder.ckpt', 'vocab.pkl']
     decoder = torch.load(tmp_path / 'model' / 'decoder.ckpt', weights_only=True)
     config = decoder['config']
     assert (config['cnn'], config['image_size'], config['decoder'], config['deep_output']) == (
