@@ -149,3 +149,28 @@ def test_a_csv_without_a_header_is_told_to_add_one(tmp_path):
                          '--output_dir', str(tmp_path / 'out')])
     assert str(refused.value) == (f'error: {tmp_path / "bare.csv"}: no header row (its first line names a photo): '
                                   f'add the line "file,caption" above the first row')
+
+
+def test_collections_are_merged_under_one_image_folder_with_their_listed_photos(tmp_path):
+    import prepro_merge
+    from caption_files import read_captions
+    from conftest import TEST_DATA
+    captions = os.path.join(TEST_DATA, 'captions.json')
+    images = os.path.join(TEST_DATA, 'images')
+    (tmp_path / 'ids.json').write_text(json.dumps({'second': [790, 5802]}))
+    prepro_merge.main(['--output_dir', str(tmp_path / 'm'), '--ids', str(tmp_path / 'ids.json'),
+                       '--set', 'first', 'train', captions, images, '--set', 'second', 'train', captions, images,
+                       '--set', 'held', 'dev', captions, images])
+    annotations, merged = read_captions(str(tmp_path / 'm' / 'captions_train.json'))
+    whole = json.load(open(captions))
+    assert len(merged) == len(whole['images']) + 2 and sorted(merged) == list(range(1, len(merged) + 1))
+    assert sorted(n for n in merged.values() if n.startswith('second/')) == ['second/000000000790.jpg',
+                                                                              'second/000000005802.jpg']
+    assert len(annotations) == len(whole['annotations']) + sum(a['image_id'] in (790, 5802) for a in whole['annotations'])
+    assert all(os.path.isfile(tmp_path / 'm' / 'images' / name) for name in merged.values())  # one --image_dir
+    dev = json.load(open(tmp_path / 'm' / 'captions_dev_held.json'))
+    assert dev == json.load(open(tmp_path / 'm' / 'captions_dev.json')) and dev['images'][0]['set'] == 'held'
+    (tmp_path / 'ids.json').write_text(json.dumps({'second': [790, 424242]}))
+    with pytest.raises(SystemExit, match=r'captions.json: lacks 1 of the 2 images listed for second \(first: 424242\)'):
+        prepro_merge.main(['--output_dir', str(tmp_path / 'n'), '--ids', str(tmp_path / 'ids.json'),
+                           '--set', 'second', 'train', captions, images])
