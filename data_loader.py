@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.utils.data as data
+from tqdm import tqdm
 
 from caption_files import group_captions, read_captions
 from errors import InputError, check_format
@@ -90,7 +91,7 @@ class CocoDataset(CaptionDataset):
         except ImageError as e:
             if path not in self.reported:
                 self.reported.add(path)
-                print(f'warning: skipping {e}', file=sys.stderr)
+                tqdm.write(f'warning: skipping {e}', file=sys.stderr)  # on a line of its own, not the bar's
             return None
         return self.transform(image) if self.transform is not None else image
 

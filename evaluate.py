@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from tqdm import tqdm
+
 from captioner import Captioner, add_model_args
 from caption_files import bounded_captions, group_captions, read_captions, read_json
 from data_loader import FeatureDataset, image_batches, read_feature_index
@@ -67,7 +69,7 @@ def caption_split(captioner, images, image_dir, batch_size=16, num_workers=2):
     predictions = {}
     for path, caption in captioner.caption_files(list(present.values()), batch_size, num_workers):
         if isinstance(caption, ImageError):
-            print(f'warning: skipped {caption}', file=sys.stderr)
+            tqdm.write(f'warning: skipped {caption}', file=sys.stderr)  # on a line of its own, not the bar's
         else:
             predictions[by_path[path]] = caption
     return predictions

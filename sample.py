@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from tqdm import tqdm
+
 from captioner import Captioner, add_model_args
 from errors import InputError, script_parser
 from figures import save_attention, save_captioned, save_contact_sheet
@@ -50,10 +52,11 @@ def main(argv=None):
         results = []
         for path, caption in captioner.caption_files(paths, args.batch_size, args.num_workers):
             if isinstance(caption, ImageError):
-                print(f'warning: skipped {caption}', file=sys.stderr)
+                tqdm.write(f'warning: skipped {caption}', file=sys.stderr)  # on a line of its own, not the bar's
                 continue
             results.append((path, caption))
-            print(f'{path}\t{caption}', flush=True)
+            tqdm.write(f'{path}\t{caption}', file=sys.stdout)
+            sys.stdout.flush()
     if args.output:
         with open(args.output, 'w') as f:
             json.dump([{'image_id': image_id(p), 'file_name': p, 'caption': c} for p, c in results], f, indent=1)
