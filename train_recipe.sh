@@ -182,8 +182,8 @@ print(f'| ${name#captions_} | {n} | {s[\"Bleu_4\"]:.3f} | {s[\"CIDEr\"]:.3f} |')
     echo "Trained in $(( (SECONDS - start) / 60 )) min with:"
     echo
     echo '```'
-    for name in "${SETTINGS[@]}"; do [[ -z ${!name} ]] || printf '%s=%q ' "$name" "${!name}"; done
-    echo "bash train_recipe.sh CAPTIONS IMAGE_DIR"
+    grep -vE '^(CAPTIONS|IMAGE_DIR)=|=$' "$record" | tr '\n' ' '  # the settings as given (CAPTIONS: the file or folder named)
+    echo "bash train_recipe.sh $(sed -n 's/^CAPTIONS=//p' "$record") $(sed -n 's/^IMAGE_DIR=//p' "$record")"
     echo '```'
 } > "$card"
 sed -n '/^| dev set/,/^$/p' "$card"

@@ -131,8 +131,8 @@ def test_reproduce_script_runs_end_to_end(tmp_path, scst_steps):
                 scores = json.load(open(tmp_path / 'work' / f'dev_scores_{stage}-beam{beam}-lp2-nr{no_repeat}.json'))
                 found.append((scores['CIDEr'], stage, beam, 2, no_repeat))
     cider, stage, beam, penalty, no_repeat = max(found, key=lambda f: f[0])  # the best on dev is exported
-    assert (f'7/7 export of the {stage} model as float16, decoding with beam {beam}, length penalty '
-            f'{penalty} and no_repeat {no_repeat} ') in result.stdout
+    assert (f"7/7 the {stage} model's dev scores, decoding with beam {beam}, length penalty {penalty} and no_repeat "
+            f"{no_repeat} (dev CIDEr {cider:.3f}), then its export as float16") in result.stdout
     exported = torch.load(models / f'decoder-{stage}.ckpt', weights_only=True)['model']
     assert all(torch.equal(w.half().float(), decoder['model'][k].float()) for k, w in exported.items())
     assert (decoder['decoding']['beam_size'], decoder['decoding']['length_penalty'],
