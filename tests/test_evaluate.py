@@ -91,7 +91,7 @@ def test_caption_and_score_a_split_with_a_model(tiny_model, tmp_path, capsys):
         out = tmp_path / f'beam{beam}'
         evaluate.main(flags + ['--beam_size', str(beam), '--output', f'{out}.json', '--scores', f'{out}-scores.json'])
         results = json.load(open(f'{out}.json'))
-        assert len(results) == 12 and all(set(r) == {'image_id', 'caption'} for r in results)
+        assert len(results) == 12 and all(set(r) == {'image_id', 'file_name', 'caption'} for r in results)
         captioner = Captioner.load(tiny_model['encoder'], tiny_model['decoder'], tiny_model['vocab'], 'cpu',
                                    beam_size=beam, allow_holes=True, no_repeat=0)
         captions[beam] = {r['image_id']: r['caption'] for r in results}

@@ -77,7 +77,8 @@ def test_resume_refuses_other_model_settings(tmp_path, capsys):
         train.main(train_args(folder, tmp_path / 'm', '--resume', str(tmp_path / 'm' / 'decoder-9-9.ckpt')))
     # 'latest' with nothing saved yet starts afresh, so a job script can always pass it.
     assert train.main(train_args(folder, tmp_path / 'new', '--num_epochs', '1', '--resume', 'latest')) == 0
-    assert 'starting afresh' in capsys.readouterr().err
+    assert f'--resume latest: no checkpoint of this run in {tmp_path / "new"} yet, so it starts from scratch' \
+        in capsys.readouterr().err
     assert step_checkpoints(str(tmp_path / 'new'))
 
 
