@@ -190,6 +190,7 @@ class Trainer:
         self.device = torch.device('cuda', local_rank) if self.world > 1 and torch.cuda.is_available() \
             else pick_device(args.device)
         self.main_process = self.rank == 0
+        self.steps_run, self.timed_from = 0, None  # for estimate()
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.vocab = load_vocab(args.vocab_path)
@@ -289,12 +290,13 @@ class Trainer:
         return bool(self.stop.signum)
 
     def estimate(self, total, measured=5):
-        """Once, `measured` steps after the first of this process: the time left, from their pace."""
-        self.timing = getattr(self, 'timing', None) or (time.time(), 0)
-        started, steps = self.timing
-        self.timing = (started, steps + 1)
-        if steps + 1 == measured + 1 and self.main_process:
-            pace = (time.time() - started) / measured
+        """Once, after `measured` steps timed from the end of this process's first (which pays for
+        start-up): the time left at their pace."""
+        self.steps_run += 1
+        if self.steps_run == 1:
+            self.timed_from = time.time()
+        elif self.steps_run == measured + 1 and self.main_process:
+            pace = (time.time() - self.timed_from) / measured
             left = total - self.state.step + (self.args.num_epochs - self.state.epoch) * total
             tqdm.write(f'time: {pace:.2f} s a step over the first {measured}: the {left} steps left take about '
                        f'{left * pace / 60:.0f} min (validation not included)', file=sys.stderr)
