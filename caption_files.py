@@ -1,8 +1,9 @@
-"""COCO-format caption files: read with pycocotools and checked, or written.
+"""COCO-format caption files: read with pycocotools and checked, or written; and results files.
 
 A caption file is {"images": [{"id", "file_name"}], "annotations": [{"id", "image_id",
 "caption"}]}, as MS-COCO's captions_*.json; prepro_flickr8k.py and prepro_karpathy.py write
-other data sets in this format so that every script reads them alike.
+other data sets in this format so that every script reads them alike. A results file is
+[{"image_id", "file_name", "caption"}]: what sample.py and evaluate.py write and evaluate.py reads.
 """
 import contextlib
 import io
@@ -111,3 +112,47 @@ def write_coco(path, names, captions, image_ids):
     with atomic_write(path, 'w') as f:
         json.dump({'images': images, 'annotations': annotations}, f)
     return len(images), len(annotations)
+
+
+def coco_image_id(path):
+    """COCO's id of a COCO file name (000000000139.jpg, COCO_val2014_000000000042.jpg), else the file name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    digits = stem.rsplit('_', 1)[-1]
+    return int(digits) if digits.isdigit() else os.path.basename(path)
+
+
+def write_results(path, rows):
+    """Write a results file of (image_id, file_name, caption) rows."""
+    with atomic_write(path, 'w') as f:
+        json.dump([{'image_id': i, 'file_name': name, 'caption': c} for i, name, c in rows], f, indent=1)
+
+
+def read_results(path, images):
+    """A results file -> {image_id: caption}, checked against `images` ({image_id: file_name}).
+
+    Each entry names its image by COCO's "image_id", or by "file_name" (as sample.py --output writes
+    it: the annotations' file name, or a path ending in it)."""
+    results = read_json(path, 'results file')
+    if not isinstance(results, list):
+        raise InputError(f'{path}: not a COCO results file (a list of {{"image_id" or "file_name", "caption"}})')
+    by_name = {name: i for i, name in images.items()}
+    predictions = {}
+    for i, result in enumerate(results):
+        if not isinstance(result, dict) or not isinstance(result.get('caption'), str) or \
+                ('image_id' not in result and not isinstance(result.get('file_name'), str)):
+            raise InputError(f"{path}: [{i}] lacks an 'image_id' (or 'file_name') or a 'caption' string")
+        named = image_named(result['file_name'], by_name) if isinstance(result.get('file_name'), str) else None
+        image_id = named if named is not None else result.get('image_id')  # the file name first: it is unambiguous
+        if image_id not in images:
+            what = f"image_id {image_id!r}" if 'image_id' in result else f"file_name {result['file_name']!r}"
+            raise InputError(f'{path}: [{i}] {what} is not in the annotations')
+        if image_id in predictions:
+            raise InputError(f'{path}: image_id {image_id!r} has more than one caption')
+        predictions[image_id] = result['caption']
+    return dict(zip(predictions, bounded_captions(path, list(predictions.values()))))
+
+
+def image_named(path, by_name):
+    """The image id whose annotated file name `path` is, or ends in (a folder before it); None if none."""
+    parts = path.replace('\\', '/').split('/')
+    return next((by_name[name] for name in ('/'.join(parts[k:]) for k in range(len(parts))) if name in by_name), None)

@@ -20,42 +20,11 @@ import sys
 from tqdm import tqdm
 
 from captioner import Captioner, add_model_args
-from caption_files import bounded_captions, group_captions, read_captions, read_json
+from caption_files import group_captions, read_captions, read_results, write_results
 from data_loader import FeatureDataset, image_batches, read_feature_index
 from errors import InputError, integer, script_parser
 from images import ImageError
 from metrics import bootstrap_intervals, score
-
-
-def read_results(path, images):
-    """A results file -> {image_id: caption}, checked against `images` ({image_id: file_name}).
-
-    Each entry names its image by COCO's "image_id", or by "file_name" (as sample.py --output writes
-    it: the annotations' file name, or a path ending in it)."""
-    results = read_json(path, 'results file')
-    if not isinstance(results, list):
-        raise InputError(f'{path}: not a COCO results file (a list of {{"image_id" or "file_name", "caption"}})')
-    by_name = {name: i for i, name in images.items()}
-    predictions = {}
-    for i, result in enumerate(results):
-        if not isinstance(result, dict) or not isinstance(result.get('caption'), str) or \
-                ('image_id' not in result and not isinstance(result.get('file_name'), str)):
-            raise InputError(f"{path}: [{i}] lacks an 'image_id' (or 'file_name') or a 'caption' string")
-        named = image_named(result['file_name'], by_name) if isinstance(result.get('file_name'), str) else None
-        image_id = named if named is not None else result.get('image_id')  # the file name first: it is unambiguous
-        if image_id not in images:
-            what = f"image_id {image_id!r}" if 'image_id' in result else f"file_name {result['file_name']!r}"
-            raise InputError(f'{path}: [{i}] {what} is not in the annotations')
-        if image_id in predictions:
-            raise InputError(f'{path}: image_id {image_id!r} has more than one caption')
-        predictions[image_id] = result['caption']
-    return dict(zip(predictions, bounded_captions(path, list(predictions.values()))))
-
-
-def image_named(path, by_name):
-    """The image id whose annotated file name `path` is, or ends in (a folder before it); None if none."""
-    parts = path.replace('\\', '/').split('/')
-    return next((by_name[name] for name in ('/'.join(parts[k:]) for k in range(len(parts))) if name in by_name), None)
 
 
 def caption_split(captioner, images, image_dir, batch_size=16, num_workers=2):
@@ -112,8 +81,7 @@ def main(argv=None):
                 if args.features else caption_split(captioner, images, args.image_dir, args.batch_size,
                                                     args.num_workers)
             if args.output:
-                with open(args.output, 'w') as f:
-                    json.dump([{'image_id': i, 'file_name': images[i], 'caption': c} for i, c in predictions.items()], f)
+                write_results(args.output, [(i, images[i], c) for i, c in predictions.items()])
     except InputError as e:
         sys.exit(f'error: {e}')
     references = group_captions((a['image_id'], a['caption']) for a in annotations)

@@ -40,7 +40,7 @@ def read_set(name, caption_path, image_dir, ids=None):
 
 
 def merge(sets, output_dir, ids):
-    """Write the merged caption files and the image links; returns {split: (images, captions)}."""
+    """Write the merged caption files and the image links; returns {split: {set name: (images, captions)}}."""
     links = os.path.join(output_dir, 'images')
     os.makedirs(links, exist_ok=True)
     merged, counts = {}, {}

@@ -5,12 +5,12 @@ One image: stdout carries its caption alone. Several (files, folders or globs): 
 published model if its files are at their classic paths, else the model shipped in
 models/flickr8k/. Nothing is downloaded, and files are loaded safely (weights and words only).
 """
-import json
 import os
 import sys
 
 from tqdm import tqdm
 
+from caption_files import coco_image_id, write_results
 from captioner import Captioner, add_model_args
 from errors import InputError, script_parser
 from figures import save_attention, save_captioned, save_contact_sheet
@@ -58,21 +58,16 @@ def main(argv=None):
             tqdm.write(f'{path}\t{caption}', file=sys.stdout)
             sys.stdout.flush()
     if args.output:
-        with open(args.output, 'w') as f:
-            json.dump([{'image_id': image_id(p), 'file_name': p, 'caption': c} for p, c in results], f, indent=1)
+        try:
+            write_results(args.output, [(coco_image_id(p), p, c) for p, c in results])
+        except InputError as e:  # a full disk: said in one line, an earlier file there unchanged
+            sys.exit(f'error: {e}')
     if args.save and image is not None:
         save_captioned(image, results[0][1], args.save)
     if args.sheet and results:
         save_contact_sheet(results, args.sheet)
     if len(results) < len(paths):
         sys.exit(f'error: {len(paths) - len(results)} of {len(paths)} images could not be read')
-
-
-def image_id(path):
-    """COCO's id of a COCO file name (000000000139.jpg, COCO_val2014_000000000042.jpg), else the file name."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    digits = stem.rsplit('_', 1)[-1]
-    return int(digits) if digits.isdigit() else os.path.basename(path)
 
 
 def caption_with_attention(captioner, paths, image, target):
