@@ -222,7 +222,8 @@ def test_page_in_a_real_browser(demo_server, sample_captions, tmp_path):
         assert page.locator('#shown img').count() == 1  # the photo as read is shown
         assert upload(tmp_path / 'corrupt.jpg', 'error:') == 'error: corrupt.jpg: not an image Pillow can read'
         (tmp_path / 'notes.txt').write_text('not a photo')
-        assert upload(tmp_path / 'notes.txt', 'error:') == 'error: notes.txt: not an image Pillow can read'
+        # waits for its own message: the corrupt file's, also an error, is still on the page until it comes
+        assert upload(tmp_path / 'notes.txt', 'error: notes.txt') == 'error: notes.txt: not an image Pillow can read'
         assert page.locator('#shown img').count() == 0  # the last photo is not left on screen
         page.get_by_role('button', name='Clear').first.click()
         page.get_by_text('skiers.jpg').first.click()  # an example: captioned at once, as an upload
